@@ -1,0 +1,229 @@
+// CPU implementation of gated_ffn.
+//
+// Few rows (decode, N <= kDecodeMaxRows, float/double): a fused gather-GEMV. For every
+// column j that runs for some row it reads row j of w1 (and w3) once, computes the
+// rows' dot products, the activation and gate, and - with w2 transposed to [F, d] -
+// adds h[n, j] * w2t[j, :] into a per-thread accumulator: only active weight rows are
+// ever read and nothing is copied. With w2 in nn.Linear layout [d, F] the
+// down-projection is a second pass over the rows of w2 that reads only the active
+// entries of each row (strided, so its cache lines are mostly read anyway).
+// Inner loops are `omp simd` and compiled for AVX-512, AVX2+FMA and baseline x86-64
+// (target_clones picks at load time).
+//
+// Many rows: the gathered-GEMM path of csrc/ffn.cpp (BLAS on the compact weights).
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <vector>
+
+#include "../ffn.h"
+
+namespace sparse_ops {
+namespace ffn {
+namespace {
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define SPARSE_OPS_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define SPARSE_OPS_CLONES
+#endif
+#define SPARSE_OPS_INLINE __attribute__((always_inline)) inline
+
+template <typename T>
+SPARSE_OPS_INLINE T dot(const T* __restrict a, const T* __restrict b, int64_t n) {
+  T s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+template <typename T>
+SPARSE_OPS_INLINE void axpy(T alpha, const T* __restrict x, T* __restrict y, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) y[i] += alpha * x[i];
+}
+
+template <typename T>
+inline T act_scalar(T v, Act act) {
+  switch (act) {
+    case Act::Gelu: return T(0.5) * v * (T(1) + std::erf(v * T(M_SQRT1_2)));
+    case Act::GeluTanh: {
+      const T k = T(0.7978845608028654);  // sqrt(2 / pi)
+      return T(0.5) * v * (T(1) + std::tanh(k * (v + T(0.044715) * v * v * v)));
+    }
+    case Act::Relu: return v > T(0) ? v : T(0);
+    case Act::Silu: return v / (T(1) + std::exp(-v));
+  }
+  return v;
+}
+
+// Pointers and sizes of one decode call.
+template <typename T>
+struct DecodeArgs {
+  const T* x; const T* w1; const T* w3; const T* w2; const T* b1;
+  const int64_t* idx; const bool* row_mask; const T* gate; bool gate_per_row;
+  T* pre; T* up; T* hg; T* acc;  // acc: this thread's [N, d] accumulator (w2 transposed)
+  int64_t N, d, F, K;
+  bool w2_transposed;
+  Act act;
+};
+
+// Columns [k0, k1): hidden units of every row, and (w2 transposed) their down-projection.
+template <typename T>
+SPARSE_OPS_INLINE void decode_columns_impl(const DecodeArgs<T>& A, int64_t k0, int64_t k1) {
+  const int64_t N = A.N, d = A.d, K = A.K;
+  for (int64_t k = k0; k < k1; ++k) {
+    const int64_t j = A.idx[k];
+    const T* w1j = A.w1 + j * d;
+    const T* w3j = A.w3 ? A.w3 + j * d : nullptr;
+    const T* w2j = A.w2_transposed ? A.w2 + j * d : nullptr;
+    for (int64_t n = 0; n < N; ++n) {
+      const int64_t o = n * K + k;
+      if (A.row_mask && !A.row_mask[o]) {
+        A.pre[o] = T(0);
+        if (w3j) A.up[o] = T(0);
+        A.hg[o] = T(0);
+        continue;
+      }
+      const T* xn = A.x + n * d;
+      T p = dot(xn, w1j, d) + (A.b1 ? A.b1[j] : T(0));
+      T h = act_scalar(p, A.act);
+      A.pre[o] = p;
+      if (w3j) {
+        T u = dot(xn, w3j, d);
+        A.up[o] = u;
+        h *= u;
+      }
+      if (A.gate) h *= A.gate_per_row ? A.gate[n * A.F + j] : A.gate[j];
+      A.hg[o] = h;
+      if (w2j) axpy(h, w2j, A.acc + n * d, d);
+    }
+  }
+}
+
+// w2 in [d, F] layout: out[n, i] += sum_k w2[i, idx[k]] * hg[n, k] for rows i in [i0, i1).
+template <typename T>
+SPARSE_OPS_INLINE void decode_down_rows_impl(const T* __restrict w2, const int64_t* __restrict idx,
+                                             const T* __restrict hg, T* __restrict out, int64_t N,
+                                             int64_t d, int64_t F, int64_t K, int64_t i0, int64_t i1) {
+  constexpr int64_t kMaxRows = kDecodeMaxRows;
+  for (int64_t i = i0; i < i1; ++i) {
+    const T* w2i = w2 + i * F;
+    T s[kMaxRows] = {};
+    for (int64_t k = 0; k < K; ++k) {
+      const T w = w2i[idx[k]];
+      for (int64_t n = 0; n < N; ++n) s[n] += w * hg[n * K + k];
+    }
+    for (int64_t n = 0; n < N; ++n) out[n * d + i] += s[n];
+  }
+}
+
+SPARSE_OPS_CLONES void decode_columns(const DecodeArgs<float>& A, int64_t k0, int64_t k1) {
+  decode_columns_impl(A, k0, k1);
+}
+SPARSE_OPS_CLONES void decode_columns(const DecodeArgs<double>& A, int64_t k0, int64_t k1) {
+  decode_columns_impl(A, k0, k1);
+}
+SPARSE_OPS_CLONES void decode_down_rows(const float* w2, const int64_t* idx, const float* hg, float* out,
+                                        int64_t N, int64_t d, int64_t F, int64_t K, int64_t i0, int64_t i1) {
+  decode_down_rows_impl(w2, idx, hg, out, N, d, F, K, i0, i1);
+}
+SPARSE_OPS_CLONES void decode_down_rows(const double* w2, const int64_t* idx, const double* hg, double* out,
+                                        int64_t N, int64_t d, int64_t F, int64_t K, int64_t i0, int64_t i1) {
+  decode_down_rows_impl(w2, idx, hg, out, N, d, F, K, i0, i1);
+}
+
+template <typename T>
+std::tuple<Tensor, Tensor, Tensor> forward_decode(const Tensor& x, const Tensor& w1, const Tensor& w2,
+                                                  const OptTensor& b1, const OptTensor& b2,
+                                                  const OptTensor& w3, const OptTensor& gate, Act act,
+                                                  bool w2_transposed, const Active& a) {
+  const int64_t N = x.size(0), d = x.size(1), F = w1.size(0), K = a.K();
+  Tensor xc = x.contiguous(), w1c = w1.contiguous(), w2c = w2.contiguous();
+  Tensor w3c = w3 ? w3->contiguous() : Tensor();
+  Tensor b1c = b1 ? b1->contiguous() : Tensor();
+  Tensor idx = a.idx.contiguous();
+  Tensor rm = a.row_mask.defined() ? a.row_mask.contiguous() : Tensor();
+  Tensor pre = at::empty({N, K}, x.options());
+  Tensor up = w3 ? at::empty({N, K}, x.options()) : x.new_empty({0});
+  Tensor hg = at::empty({N, K}, x.options());
+
+  const int nthreads = w2_transposed ? at::get_num_threads() : 1;
+  Tensor acc = at::zeros({nthreads, N, d}, x.options());
+
+  DecodeArgs<T> A{};
+  A.x = xc.data_ptr<T>(); A.w1 = w1c.data_ptr<T>(); A.w3 = w3 ? w3c.data_ptr<T>() : nullptr;
+  A.w2 = w2c.data_ptr<T>(); A.b1 = b1 ? b1c.data_ptr<T>() : nullptr;
+  A.idx = idx.data_ptr<int64_t>(); A.row_mask = rm.defined() ? rm.data_ptr<bool>() : nullptr;
+  A.pre = pre.data_ptr<T>(); A.up = w3 ? up.data_ptr<T>() : nullptr; A.hg = hg.data_ptr<T>();
+  A.N = N; A.d = d; A.F = F; A.K = K; A.w2_transposed = w2_transposed; A.act = act;
+  // The kernel indexes the caller's gate by column j (a.gate_a is the gathered copy
+  // the GEMM path uses).
+  Tensor gate_c = gate ? gate->contiguous() : Tensor();
+  if (gate) {
+    A.gate = gate_c.data_ptr<T>();
+    A.gate_per_row = gate_c.dim() == 2;
+  }
+  T* acc_base = acc.data_ptr<T>();
+  // Grain: ~64 columns of 3 KB rows per task keeps the split even on 2 threads.
+  at::parallel_for(0, K, 64, [&](int64_t k0, int64_t k1) {
+    DecodeArgs<T> L = A;
+    const int tid = w2_transposed ? at::get_thread_num() : 0;
+    L.acc = acc_base + tid * N * d;
+    decode_columns(L, k0, k1);
+  });
+
+  Tensor out;
+  if (w2_transposed) {
+    out = nthreads == 1 ? acc[0] : acc.sum(0);
+  } else {
+    out = at::zeros({N, d}, x.options());
+    T* op = out.data_ptr<T>();
+    const T* hp = hg.data_ptr<T>();
+    const T* w2p = w2c.data_ptr<T>();
+    at::parallel_for(0, d, 16, [&](int64_t i0, int64_t i1) {
+      decode_down_rows(w2p, A.idx, hp, op, N, d, F, K, i0, i1);
+    });
+  }
+  if (b2) out.add_(*b2);
+  return {out, pre, up};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> gated_ffn_cpu(
+    const Tensor& x, const Tensor& w1, const Tensor& w2, const OptTensor& b1, const OptTensor& b2,
+    const OptTensor& w3, const OptTensor& active, const OptTensor& gate, std::string activation,
+    bool w2_transposed, bool /*dense_grad*/) {
+  check_inputs(x, w1, w2, b1, b2, w3, active, gate, w2_transposed);
+  const Act act = parse_activation(activation);
+  const int64_t N = x.size(0), F = w1.size(0);
+  Active a = resolve_active(N, F, active, gate, x.options());
+  std::tuple<Tensor, Tensor, Tensor> r;
+  const auto st = x.scalar_type();
+  if (N > 0 && N <= kDecodeMaxRows && a.K() > 0 && (st == at::kFloat || st == at::kDouble)) {
+    r = st == at::kFloat ? forward_decode<float>(x, w1, w2, b1, b2, w3, gate, act, w2_transposed, a)
+                         : forward_decode<double>(x, w1, w2, b1, b2, w3, gate, act, w2_transposed, a);
+  } else {
+    r = forward_gathered(x, w1, w2, b1, b2, w3, act, w2_transposed, a);
+  }
+  return {std::get<0>(r), a.idx, std::get<1>(r), std::get<2>(r)};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gated_ffn_backward_cpu(
+    const Tensor& grad_out, const Tensor& x, const Tensor& w1, const Tensor& w2, const OptTensor& b1,
+    const OptTensor& w3, const OptTensor& active, const OptTensor& gate, const Tensor& idx,
+    const Tensor& pre, const Tensor& up, std::string activation, bool w2_transposed, bool dense_grad,
+    std::array<bool, 3> need) {
+  return backward_gathered(grad_out, x, w1, w2, b1, w3, active, gate, idx, pre, up,
+                           parse_activation(activation), w2_transposed, dense_grad, need);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(sparse_ops, CPU, m) {
+  m.impl("gated_ffn", &gated_ffn_cpu);
+  m.impl("gated_ffn_backward", &gated_ffn_backward_cpu);
+}
+
+}  // namespace ffn
+}  // namespace sparse_ops

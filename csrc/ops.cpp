@@ -1,0 +1,44 @@
+// Every schema of the sparse_ops library, in one place.
+//
+// Implementations register themselves with TORCH_LIBRARY_IMPL beside their kernels:
+//   csrc/cpu/*.cpp   CPU
+//   csrc/cuda/*.cpp  CUDA (launchers; the kernels are plain CUDA in csrc/cuda/*.cu)
+// Fake (meta) kernels and autograd formulas are registered in Python, beside the
+// wrappers in sparse_ops/ops/.
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// Importing sparse_ops._C loads this shared object, which runs the static
+// TORCH_LIBRARY initialisers below. The module itself has no Python members.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {
+      PyModuleDef_HEAD_INIT, "_C", "sparse_ops compiled ops (see torch.ops.sparse_ops)", -1, nullptr,
+  };
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(sparse_ops, m) {
+  // ---------------------------------------------------------------- gated FFN
+  // x [N, d]; w1, w3 [F, d]; w2 [d, F] (or [F, d] when w2_transposed).
+  // active: None, int64 indices [K] or bool [F] (shared by all rows), or bool [N, F].
+  // gate: None, or float [F] / [N, F] in x's dtype; a gate of exactly 0 skips its unit.
+  // Returns out [N, d] and what backward needs:
+  //   idx [K] int64: the columns that ran for at least one row (sorted),
+  //   pre [N, K]: x w1[idx]^T + b1[idx] (rows for which a column did not run hold 0),
+  //   up  [N, K]: x w3[idx]^T for GLU, else an empty tensor.
+  // dense_grad is read by the autograd formula only (skipped units' gate gradient).
+  m.def(
+      "gated_ffn(Tensor x, Tensor w1, Tensor w2, Tensor? b1, Tensor? b2, Tensor? w3, "
+      "Tensor? active, Tensor? gate, str activation, bool w2_transposed, bool dense_grad) "
+      "-> (Tensor out, Tensor idx, Tensor pre, Tensor up)");
+  // Gradients of gated_ffn. need = [x, weights and biases, gate]. Gradients that
+  // are not needed, or whose input is absent, come back as empty tensors.
+  // Weight rows/columns of columns that did not run are exact zeros.
+  m.def(
+      "gated_ffn_backward(Tensor grad_out, Tensor x, Tensor w1, Tensor w2, Tensor? b1, Tensor? w3, "
+      "Tensor? active, Tensor? gate, Tensor idx, Tensor pre, Tensor up, str activation, "
+      "bool w2_transposed, bool dense_grad, bool[3] need) "
+      "-> (Tensor dx, Tensor dw1, Tensor dw2, Tensor dw3, Tensor db1, Tensor db2, Tensor dgate)");
+}

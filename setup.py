@@ -1,0 +1,92 @@
+"""Build sparse_ops and its compiled extension sparse_ops._C.
+
+Switches (environment variables), in the style of xformers / flash-attention:
+  SPARSE_OPS_NO_EXT=1     pure-Python install; every op runs the reference (with a warning)
+  FORCE_CUDA=1            build the CUDA sources even when torch.cuda.is_available() is False
+                          (needs a CUDA build of torch and nvcc)
+  TORCH_CUDA_ARCH_LIST    CUDA architectures, e.g. "8.0;9.0" (torch's own variable)
+  MAX_JOBS                parallel compile jobs for ninja (torch's own variable)
+  SPARSE_OPS_DEBUG=1      -O0 -g instead of -O3
+
+The C++ CPU extension is always built. The CUDA sources are added when torch was
+built with CUDA and either a GPU is visible or FORCE_CUDA=1.
+"""
+import glob
+import os
+import sys
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+NO_EXT = os.environ.get("SPARSE_OPS_NO_EXT", "0") == "1"
+VERSION = "0.1.0"
+
+
+def _write_build_info(info):
+    path = os.path.join(ROOT, "sparse_ops", "_build_info.py")
+    with open(path, "w") as f:
+        f.write("# Written by setup.py: what this build contains and why.\n")
+        f.write(f"BUILD = {info!r}\n")
+
+
+def _extensions():
+    if NO_EXT:
+        _write_build_info({"ext": False, "cuda": False,
+                           "why": "SPARSE_OPS_NO_EXT=1 at build time"})
+        return [], {}
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+    debug = os.environ.get("SPARSE_OPS_DEBUG", "0") == "1"
+    opt = ["-O0", "-g"] if debug else ["-O3", "-g0"]
+    cxx_flags = opt + ["-fopenmp", "-std=c++17", "-DPy_LIMITED_API=0x03090000"]
+    link_flags = ["-fopenmp"]
+
+    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) +
+                     glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
+
+    force_cuda = os.environ.get("FORCE_CUDA", "0") == "1"
+    torch_has_cuda = torch.version.cuda is not None
+    use_cuda = torch_has_cuda and CUDA_HOME is not None and (force_cuda or torch.cuda.is_available())
+    if use_cuda:
+        why_cuda = "built (FORCE_CUDA=1)" if force_cuda else "built (a GPU was visible)"
+    elif not torch_has_cuda:
+        why_cuda = f"not built: torch {torch.__version__} is a CPU-only build"
+    elif CUDA_HOME is None:
+        why_cuda = "not built: no CUDA toolkit found (CUDA_HOME / nvcc)"
+    else:
+        why_cuda = "not built: no GPU visible and FORCE_CUDA is not 1"
+
+    if use_cuda:
+        sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cpp")) +
+                          glob.glob(os.path.join("csrc", "cuda", "*.cu")))
+        ext = CUDAExtension(
+            "sparse_ops._C", sources,
+            extra_compile_args={"cxx": cxx_flags + ["-DSPARSE_OPS_WITH_CUDA"],
+                                "nvcc": (["-O3", "-lineinfo"] if not debug else ["-O0", "-G"]) +
+                                        ["-std=c++17", "-DSPARSE_OPS_WITH_CUDA"]},
+            extra_link_args=link_flags, py_limited_api=True)
+    else:
+        ext = CppExtension("sparse_ops._C", sources,
+                           extra_compile_args={"cxx": cxx_flags},
+                           extra_link_args=link_flags, py_limited_api=True)
+    _write_build_info({"ext": True, "cuda": use_cuda, "why_cuda": why_cuda,
+                       "torch": torch.__version__,
+                       "arch_list": os.environ.get("TORCH_CUDA_ARCH_LIST", "")})
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = _extensions()
+
+setup(
+    name="sparse_ops",
+    version=VERSION,
+    description="Dynamic sparse execution for transformers: skipped heads, FFN columns and layers "
+                "are never computed, with autograd and straight-through gates.",
+    packages=find_packages(include=["sparse_ops", "sparse_ops.*", "bench"]),
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+    python_requires=">=3.10",
+    install_requires=["torch>=2.11"],
+    options={"bdist_wheel": {"py_limited_api": "cp39"}} if ext_modules else {},
+)

@@ -1,0 +1,115 @@
+"""Which implementation runs: cpp (csrc/cpu), cuda (csrc/cuda), triton, or torch (reference.py).
+
+`set_backend(name)` sets the process-wide choice; every op also takes `backend=` per call.
+"auto" picks, for the tensors' device, the fastest implementation that is built and usable:
+CPU -> cpp; CUDA -> cuda, then triton. The torch reference runs only when nothing else
+applies, and says why once (a warning per op and reason).
+"""
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+
+BACKENDS = ("auto", "cpp", "cuda", "triton", "torch")
+
+try:
+    from . import _C  # noqa: F401  (loads the TORCH_LIBRARY schemas and kernels)
+    EXT_ERROR = None
+except ImportError as e:  # SPARSE_OPS_NO_EXT=1 build, or a build that failed to load
+    _C = None
+    EXT_ERROR = f"sparse_ops._C could not be imported ({e})"
+
+try:
+    from ._build_info import BUILD
+except ImportError:
+    BUILD = {"ext": False, "cuda": False, "why": "sparse_ops was not built with setup.py"}
+
+_current = os.environ.get("SPARSE_OPS_BACKEND", "auto")
+_warned: set = set()
+
+
+def set_backend(name: str) -> None:
+    """Set the process-wide backend: one of 'auto', 'cpp', 'cuda', 'triton', 'torch'."""
+    global _current
+    if name not in BACKENDS:
+        raise ValueError(f"set_backend: name must be one of {BACKENDS}; got {name!r}")
+    _current = name
+
+
+def get_backend() -> str:
+    return _current
+
+
+def has_ext() -> bool:
+    return _C is not None
+
+
+def has_kernel(op: str, key: str) -> bool:
+    """True when torch.ops.sparse_ops.<op> has a kernel for dispatch key `key` ('CPU', 'CUDA')."""
+    if _C is None:
+        return False
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"sparse_ops::{op}", key)
+
+
+def triton_status(device_type: str) -> tuple[bool, str]:
+    """(usable, why) for the Triton kernels on a device type."""
+    try:
+        import triton  # noqa: F401
+    except ImportError as e:
+        return False, f"triton is not installed ({e})"
+    interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    if device_type == "cuda":
+        if not torch.cuda.is_available():
+            return False, "no CUDA device"
+        return True, "usable on CUDA"
+    if device_type == "cpu":
+        if interpret:
+            return True, "usable on CPU through the interpreter (TRITON_INTERPRET=1; slow, for tests)"
+        return False, "Triton runs on CPU tensors only with TRITON_INTERPRET=1"
+    return False, f"no Triton support for device type {device_type!r}"
+
+
+def _available(name: str, op: str, device_type: str) -> tuple[bool, str]:
+    if name == "torch":
+        return True, "reference"
+    if name == "triton":
+        return triton_status(device_type)
+    key = {"cpp": "CPU", "cuda": "CUDA"}[name]
+    if {"cpp": "cpu", "cuda": "cuda"}[name] != device_type:
+        return False, f"backend {name!r} runs on {key} tensors; these are on {device_type}"
+    if _C is None:
+        return False, EXT_ERROR or "the extension was not built"
+    if not has_kernel(op, key):
+        why = BUILD.get("why_cuda", "") if name == "cuda" else ""
+        return False, f"sparse_ops._C has no {key} kernel for {op}" + (f" ({why})" if why else "")
+    return True, "built"
+
+
+def choose(op: str, device: torch.device, backend: str | None = None) -> str:
+    """The backend that runs `op` on `device`: the explicit one, or auto's pick."""
+    name = backend if backend not in (None, "auto") else _current
+    if name not in BACKENDS:
+        raise ValueError(f"{op}: backend must be one of {BACKENDS}; got {name!r}")
+    dt = device.type
+    if name != "auto":
+        ok, why = _available(name, op, dt)
+        if not ok:
+            raise RuntimeError(f"{op}: backend {name!r} is not usable here: {why}")
+        return name
+    order = {"cpu": ("cpp",), "cuda": ("cuda", "triton")}.get(dt, ())
+    reasons = []
+    for cand in order:
+        ok, why = _available(cand, op, dt)
+        if ok:
+            return cand
+        reasons.append(f"{cand}: {why}")
+    key = (op, dt)
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(f"sparse_ops.{op}: running the plain-PyTorch reference on {dt} "
+                      f"(no skipping, no speedup) because " + ("; ".join(reasons) or
+                                                               f"no kernel exists for {dt}"),
+                      RuntimeWarning, stacklevel=3)
+    return "torch"

@@ -1,0 +1,167 @@
+"""sparse_ops.gated_ffn: an FFN whose inactive hidden columns are never computed.
+
+The wrapper flattens x to [N, d], brings `active` and `gate` to the forms the
+registered op takes ([F] shared or [N, F] per row) and calls, by backend:
+  cpp / cuda -> torch.ops.sparse_ops.gated_ffn       (csrc/cpu, csrc/cuda)
+  triton     -> torch.ops.sparse_ops.gated_ffn_triton (sparse_ops/triton_kernels)
+  torch      -> sparse_ops.reference.gated_ffn        (computes everything)
+register_fake and register_autograd for the C++ op live here, beside the wrapper.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .. import backend as _backend
+from .. import reference as _reference
+
+_ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu")
+
+
+def _check_tensor(t, name: str):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"gated_ffn: {name} must be a torch.Tensor; got {type(t).__name__}")
+
+
+def _normalize(x, w1, active, gate):
+    """x -> [N, d]; active -> None / int64 [K] / bool [F] / bool [N, F]; gate -> None / [F] / [N, F]."""
+    _check_tensor(x, "x")
+    _check_tensor(w1, "w1")
+    if x.dim() < 1:
+        raise ValueError(f"gated_ffn: x must be [..., d]; got a 0-d tensor")
+    if w1.dim() != 2:
+        raise ValueError(f"gated_ffn: w1 must be 2-D [F, d]; got shape {tuple(w1.shape)}")
+    lead = tuple(x.shape[:-1])
+    d = x.shape[-1]
+    N = math.prod(lead)
+    F_ = w1.shape[0]
+    x2 = x.reshape(N, d)
+    hidden = lead + (F_,)
+    if active is not None:
+        _check_tensor(active, "active")
+        if active.dtype == torch.bool and active.dim() > 1:
+            try:
+                shape = torch.broadcast_shapes(active.shape, hidden)
+            except RuntimeError:
+                shape = None
+            if shape != hidden or active.shape[-1] != F_:
+                raise ValueError(f"gated_ffn: a per-row active mask must be bool [..., F] broadcastable to "
+                                 f"{hidden}; got {tuple(active.shape)}")
+            if all(s == 1 for s in active.shape[:-1]):
+                active = active.reshape(F_)
+            else:
+                active = active.expand(hidden).reshape(N, F_)
+        elif active.dtype not in (torch.bool, torch.int64):
+            raise TypeError(f"gated_ffn: active must be int64 indices [K] or a bool mask; got dtype {active.dtype}")
+    if gate is not None:
+        _check_tensor(gate, "gate")
+        if not gate.is_floating_point():
+            raise TypeError(f"gated_ffn: gate must be a floating tensor; got dtype {gate.dtype}")
+        try:
+            shape = torch.broadcast_shapes(gate.shape, hidden)
+        except RuntimeError:
+            shape = None
+        if shape != hidden:
+            raise ValueError(f"gated_ffn: gate must be broadcastable to the hidden shape {hidden}; "
+                             f"got {tuple(gate.shape)}")
+        if all(s == 1 for s in gate.shape[:-1]) and gate.shape[-1:] == (F_,):
+            gate = gate.reshape(F_)
+        elif gate.dim() == 0 or all(s == 1 for s in gate.shape):
+            gate = gate.reshape(1).expand(F_)
+        else:
+            gate = gate.expand(hidden).reshape(N, F_)
+    return x2, lead, active, gate
+
+
+def gated_ffn(x, w1, w2, active=None, *, b1=None, b2=None, w3=None, gate=None,
+              activation="gelu", w2_transposed=False, dense_grad=False, backend="auto"):
+    """act(x w1^T + b1) [* (x w3^T)] * mask * gate, then w2 and b2; inactive columns never run.
+
+    x [..., d]; w1, w3 [F, d]; w2 [d, F] (nn.Linear layout) or [F, d] with w2_transposed=True.
+    active: None (all), int64 indices [K] or bool [F] shared by all rows, or bool [..., F] per row.
+    gate: float, broadcastable to [..., F]; a gate of exactly 0 skips its unit (straight-through
+    gradient: exact for units that ran; for skipped units 0, or exact with dense_grad=True).
+    activation: 'gelu' | 'gelu_tanh' | 'relu' | 'silu'. Returns a tensor shaped like x.
+    """
+    if activation not in _ACTIVATIONS:
+        raise ValueError(f"gated_ffn: activation must be one of {_ACTIVATIONS}; got {activation!r}")
+    x2, lead, active, gate = _normalize(x, w1, active, gate)
+    name = _backend.choose("gated_ffn", x.device, backend)
+    if name == "torch":
+        _check_tensor(w2, "w2")
+        out = _reference.gated_ffn(x2, w1, w2, active, b1=b1, b2=b2, w3=w3, gate=gate,
+                                   activation=activation, w2_transposed=w2_transposed,
+                                   dense_grad=dense_grad)
+    elif name == "triton":
+        from ..triton_kernels import ffn as _tffn
+        out = _tffn.gated_ffn(x2, w1, w2, b1, b2, w3, active, gate, activation, w2_transposed, dense_grad)
+    else:
+        out = torch.ops.sparse_ops.gated_ffn(x2, w1, w2, b1, b2, w3, active, gate, activation,
+                                             w2_transposed, dense_grad)[0]
+    return out.reshape(*lead, out.shape[-1])
+
+
+# ----------------------------------------------------------------- registrations
+def _register():
+    if not _backend.has_ext():
+        return
+
+    @torch.library.register_fake("sparse_ops::gated_ffn")
+    def _(x, w1, w2, b1, b2, w3, active, gate, activation, w2_transposed, dense_grad):
+        N, d = x.shape
+        F_ = w1.shape[0]
+        if active is None and gate is None:
+            K = F_
+        else:
+            K = torch.library.get_ctx().new_dynamic_size(min=0, max=F_)
+        up = x.new_empty((N, K)) if w3 is not None else x.new_empty((0,))
+        return (x.new_empty((N, d)), x.new_empty((K,), dtype=torch.int64), x.new_empty((N, K)), up)
+
+    @torch.library.register_fake("sparse_ops::gated_ffn_backward")
+    def _(grad_out, x, w1, w2, b1, w3, active, gate, idx, pre, up, activation, w2_transposed,
+          dense_grad, need):
+        e = x.new_empty((0,))
+        nx, nw, ng = need
+        return (torch.empty_like(x) if nx else e,
+                torch.empty_like(w1) if nw else e,
+                torch.empty_like(w2) if nw else e,
+                torch.empty_like(w3) if (nw and w3 is not None) else e,
+                torch.empty_like(b1) if (nw and b1 is not None) else e,
+                x.new_empty((x.shape[1],)) if nw else e,
+                torch.empty_like(gate) if (ng and gate is not None) else e)
+
+    def setup_context(ctx, inputs, output):
+        x, w1, w2, b1, b2, w3, active, gate, activation, w2_transposed, dense_grad = inputs
+        _, idx, pre, up = output
+        ctx.save_for_backward(x, w1, w2, b1, w3, active, gate, idx, pre, up)
+        ctx.activation = activation
+        ctx.w2_transposed = w2_transposed
+        ctx.dense_grad = dense_grad
+        ctx.has = (b1 is not None, b2 is not None, w3 is not None, gate is not None)
+
+    def backward(ctx, grad_out, _g_idx, _g_pre, _g_up):
+        x, w1, w2, b1, w3, active, gate, idx, pre, up = ctx.saved_tensors
+        nig = ctx.needs_input_grad
+        need_w = any(nig[i] for i in (1, 2, 3, 4, 5))
+        need = [bool(nig[0]), bool(need_w), bool(nig[7])]
+        if grad_out is None:
+            grad_out = torch.zeros((x.shape[0], x.shape[1]), dtype=x.dtype, device=x.device)
+        dx, dw1, dw2, dw3, db1, db2, dgate = torch.ops.sparse_ops.gated_ffn_backward(
+            grad_out, x, w1, w2, b1, w3, active, gate, idx, pre, up, ctx.activation,
+            ctx.w2_transposed, ctx.dense_grad, need)
+        has_b1, has_b2, has_w3, has_gate = ctx.has
+        return (dx if nig[0] else None,
+                dw1 if nig[1] else None,
+                dw2 if nig[2] else None,
+                db1 if (nig[3] and has_b1) else None,
+                db2 if (nig[4] and has_b2) else None,
+                dw3 if (nig[5] and has_w3) else None,
+                None,
+                dgate if (nig[7] and has_gate) else None,
+                None, None, None)
+
+    torch.library.register_autograd("sparse_ops::gated_ffn", backward, setup_context=setup_context)
+
+
+_register()

@@ -1,0 +1,56 @@
+"""Plain-PyTorch reference of every op: the test oracle, and the `torch` backend.
+
+These compute everything (masking by multiplication/selection) and are written for
+clarity, not speed. Each follows the semantics in DESIGN.md exactly, including the
+straight-through gate gradient: a unit skipped by a zero gate gets gate gradient 0
+unless dense_grad=True.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+_ACTS = {
+    "gelu": F.gelu,
+    "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),
+    "relu": F.relu,
+    "silu": F.silu,
+}
+
+
+def activation_fn(name: str):
+    if name not in _ACTS:
+        raise ValueError(f"activation must be one of {tuple(_ACTS)}; got {name!r}")
+    return _ACTS[name]
+
+
+def ffn_mask(active, F_: int, lead: tuple, device) -> torch.Tensor:
+    """`active` (None, int64 [K], bool [F] or bool [..., F]) as a bool mask broadcastable to [..., F]."""
+    if active is None:
+        return torch.ones(F_, dtype=torch.bool, device=device)
+    if active.dtype == torch.bool:
+        return active
+    m = torch.zeros(F_, dtype=torch.bool, device=device)
+    m[active] = True
+    return m
+
+
+def gated_ffn(x, w1, w2, active=None, *, b1=None, b2=None, w3=None, gate=None,
+              activation="gelu", w2_transposed=False, dense_grad=False):
+    """F.linear(act(x w1^T + b1) [* x w3^T] * mask * gate, w2, b2), computed densely."""
+    act = activation_fn(activation)
+    F_ = w1.shape[0]
+    h = act(F.linear(x, w1, b1))
+    if w3 is not None:
+        h = h * F.linear(x, w3)
+    mask = ffn_mask(active, F_, x.shape[:-1], x.device)
+    if gate is not None:
+        run = mask & (gate != 0)
+        # Units a zero gate skipped contribute 0 either way (h * 0); selecting them with
+        # the bool mask alone (dense_grad) gives them their exact gate gradient.
+        zero = torch.zeros((), dtype=h.dtype, device=h.device)
+        hg = torch.where(mask if dense_grad else run, h * gate, zero)
+    else:
+        hg = torch.where(mask, h, torch.zeros((), dtype=h.dtype, device=h.device))
+    w2n = w2.t() if w2_transposed else w2
+    return F.linear(hg, w2n, b2)
