@@ -8,6 +8,7 @@
 #include <optional>
 #include <string>
 #include <tuple>
+#include <vector>
 
 namespace sparse_ops {
 namespace ffn {
@@ -21,11 +22,21 @@ Act parse_activation(const std::string& name);
 // Rows at or below this count take the fused gather-GEMV decode kernel (float/double).
 constexpr int64_t kDecodeMaxRows = 16;
 
+// Rows that share a mask (every token of a sample under a per-sample gate, say).
+struct RowGroup {
+  Tensor rows;  // int64 [n_g], rows of x in the group
+  Tensor cols;  // int64 [k_g], positions in Active::idx of the columns that run for them
+};
+
+// Grouping pays when groups are large: at least this many rows per group on average.
+constexpr int64_t kMinRowsPerGroup = 16;
+
 // Which hidden columns run.
 struct Active {
   Tensor idx;       // int64 [K], sorted: columns that run for at least one row
   Tensor row_mask;  // bool [N, K] when rows differ, else undefined
   Tensor gate_a;    // gate gathered at idx: [K] or [N, K], undefined when there is no gate
+  std::vector<RowGroup> groups;  // per-row masks with few distinct rows (then no row_mask)
   bool all = false; // every column runs for every row (idx == arange(F), no row mask)
   int64_t K() const { return idx.size(0); }
 };
