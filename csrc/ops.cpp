@@ -41,4 +41,16 @@ TORCH_LIBRARY(sparse_ops, m) {
       "Tensor? active, Tensor? gate, Tensor idx, Tensor pre, Tensor up, str activation, "
       "bool w2_transposed, bool dense_grad, bool[3] need) "
       "-> (Tensor dx, Tensor dw1, Tensor dw2, Tensor dw3, Tensor db1, Tensor db2, Tensor dgate)");
+
+  // ---------------------------------------------------------------- rows (skip_layer)
+  // x [R, ...]; idx [K] int64 in [-1, R) (-1 = padding row).
+  // gather_rows: out[k] = x[idx[k]] (zeros for padding).
+  m.def("gather_rows(Tensor x, Tensor idx) -> Tensor");
+  // scatter_rows: y = x with y[idx[k]] = src[k], or x[i] + gate[k] * (src[k] - x[i]) with a
+  // gate [K]; padding rows are skipped; non-padding idx must not repeat.
+  m.def("scatter_rows(Tensor x, Tensor idx, Tensor src, Tensor? gate) -> Tensor");
+  // Gradients of scatter_rows. need = [x, src, gate]; not-needed ones come back empty.
+  m.def(
+      "scatter_rows_backward(Tensor grad, Tensor x, Tensor idx, Tensor src, Tensor? gate, bool[3] need) "
+      "-> (Tensor dx, Tensor dsrc, Tensor dgate)");
 }

@@ -1,5 +1,6 @@
 """Functional ops. Each module wraps its registered torch ops and registers their
 fake (meta) kernels and autograd formulas."""
 from .ffn import gated_ffn
+from .layers import gather_rows, scatter_rows, skip_layer
 
-__all__ = ["gated_ffn"]
+__all__ = ["gated_ffn", "skip_layer", "gather_rows", "scatter_rows"]

@@ -1,0 +1,254 @@
+"""sparse_ops.skip_layer: run a layer only on the kept samples (or tokens) of a batch.
+
+Kept rows are compacted with `gather_rows`, the layer runs once on the compact batch, and
+`scatter_rows` writes its output back (blending with a gate); skipped rows are never fed
+to the layer and pass through unchanged. Row ops:
+  cpp / cuda -> torch.ops.sparse_ops.gather_rows / scatter_rows (csrc/cpu, csrc/cuda)
+  torch      -> the same formulas with index_select / index_copy (reference fallback)
+register_fake and register_autograd for the row ops live here.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import backend as _backend
+
+
+# ----------------------------------------------------------------- row ops
+def _rows_torch_gather(x, idx):
+    out = x.index_select(0, idx.clamp_min(0))
+    pad = idx < 0
+    if bool(pad.any()):
+        out = out.masked_fill(pad.view(-1, *([1] * (x.dim() - 1))), 0)
+    return out
+
+
+def _rows_torch_scatter(x, idx, src, gate):
+    keep = idx >= 0
+    i, s = idx[keep], src[keep]
+    if gate is not None:
+        g = gate[keep].view(-1, *([1] * (x.dim() - 1)))
+        xi = x.index_select(0, i)
+        s = xi + g * (s - xi)
+    return x.index_copy(0, i, s)
+
+
+def gather_rows(x: torch.Tensor, idx: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """out[k] = x[idx[k]], zeros where idx[k] == -1 (padding). idx must not repeat a row."""
+    if _backend.choose("gather_rows", x.device, backend) == "torch":
+        return _rows_torch_gather(x, idx)
+    return torch.ops.sparse_ops.gather_rows(x, idx)
+
+
+def scatter_rows(x: torch.Tensor, idx: torch.Tensor, src: torch.Tensor, gate: torch.Tensor | None = None,
+                 backend: str = "auto") -> torch.Tensor:
+    """y = x with y[idx[k]] = src[k] (or x + gate[k] * (src[k] - x) with a gate); -1 rows skipped."""
+    if _backend.choose("scatter_rows", x.device, backend) == "torch":
+        return _rows_torch_scatter(x, idx, src, gate)
+    return torch.ops.sparse_ops.scatter_rows(x, idx, src, gate)
+
+
+def _register():
+    if not _backend.has_ext():
+        return
+
+    @torch.library.register_fake("sparse_ops::gather_rows")
+    def _(x, idx):
+        return x.new_empty((idx.shape[0], *x.shape[1:]))
+
+    @torch.library.register_fake("sparse_ops::scatter_rows")
+    def _(x, idx, src, gate):
+        return torch.empty_like(x)
+
+    @torch.library.register_fake("sparse_ops::scatter_rows_backward")
+    def _(grad, x, idx, src, gate, need):
+        e = x.new_empty((0,))
+        return (torch.empty_like(x) if need[0] else e, torch.empty_like(src) if need[1] else e,
+                torch.empty_like(gate) if (need[2] and gate is not None) else e)
+
+    def gather_setup(ctx, inputs, output):
+        x, idx = inputs
+        ctx.save_for_backward(idx)
+        ctx.x_shape = x.shape
+
+    def gather_backward(ctx, grad):
+        (idx,) = ctx.saved_tensors
+        zeros = grad.new_zeros(ctx.x_shape)
+        return torch.ops.sparse_ops.scatter_rows(zeros, idx, grad, None), None
+
+    torch.library.register_autograd("sparse_ops::gather_rows", gather_backward, setup_context=gather_setup)
+
+    def scatter_setup(ctx, inputs, output):
+        x, idx, src, gate = inputs
+        ctx.save_for_backward(x, idx, src, gate)
+
+    def scatter_backward(ctx, grad):
+        x, idx, src, gate = ctx.saved_tensors
+        nig = ctx.needs_input_grad
+        need = [bool(nig[0]), bool(nig[2]), bool(nig[3]) and gate is not None]
+        dx, dsrc, dgate = torch.ops.sparse_ops.scatter_rows_backward(grad, x, idx, src, gate, need)
+        return (dx if need[0] else None, None, dsrc if need[1] else None, dgate if need[2] else None)
+
+    torch.library.register_autograd("sparse_ops::scatter_rows", scatter_backward, setup_context=scatter_setup)
+
+
+_register()
+
+
+# ----------------------------------------------------------------- skip_layer
+def _first(out):
+    """The hidden state of a layer's output (HF layers return tuples)."""
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _params_needing_grad(layer):
+    if isinstance(layer, torch.nn.Module) and torch.is_grad_enabled():
+        return [p for p in layer.parameters() if p.requires_grad]
+    return []
+
+
+class _ZeroGrads(torch.autograd.Function):
+    """Identity on x that gives `params` zero gradients (not None), so a layer that every
+    sample skipped still has .grad for DistributedDataParallel without find_unused_parameters."""
+
+    @staticmethod
+    def forward(ctx, x, *params):
+        ctx.shapes = [(p.shape, p.dtype, p.device) for p in params]
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return (grad, *[torch.zeros(s, dtype=dt, device=dev) for s, dt, dev in ctx.shapes])
+
+
+def _check_keep(x, keep, gate):
+    if not isinstance(keep, torch.Tensor) or keep.dtype != torch.bool:
+        raise TypeError(f"skip_layer: keep must be a bool tensor [B] or [B, T]; got "
+                        f"{keep.dtype if isinstance(keep, torch.Tensor) else type(keep).__name__}")
+    if keep.dim() not in (1, 2) or x.dim() < keep.dim() or tuple(x.shape[:keep.dim()]) != tuple(keep.shape):
+        raise ValueError(f"skip_layer: keep must be [B] (per sample) or [B, T] (per token) matching x's "
+                         f"leading dims {tuple(x.shape[:2])}; got {tuple(keep.shape)}")
+    if keep.device != x.device:
+        raise ValueError(f"skip_layer: keep must be on x's device ({x.device}); got {keep.device}")
+    if gate is not None:
+        if not isinstance(gate, torch.Tensor) or not gate.is_floating_point():
+            raise TypeError("skip_layer: gate must be a floating tensor shaped like keep")
+        if tuple(gate.shape) != tuple(keep.shape):
+            raise ValueError(f"skip_layer: gate must be shaped like keep {tuple(keep.shape)}; got {tuple(gate.shape)}")
+        if gate.device != x.device:
+            raise ValueError(f"skip_layer: gate must be on x's device ({x.device}); got {gate.device}")
+
+
+def skip_layer(layer, x, keep, *args, gate=None, dense_grad=False, pad_mask_kwarg=None,
+               backend="auto", **kwargs):
+    """Run `layer` only on kept samples (keep [B]) or kept tokens (keep [B, T]); skipped rows pass through.
+
+    Per sample: y[b] = layer(x)[b] where kept, x[b] where skipped. Tensor args/kwargs whose first
+    dimension is B are compacted alongside x.
+    Per token (Mixture-of-Depths): each sample's kept tokens, in order, form a [B, k, ...] batch
+    (uneven counts are padded with zero tokens; the layer is told which are real through the kwarg
+    named by `pad_mask_kwarg`, which receives a bool [B, k] mask, True = real token). Tensor
+    args/kwargs shaped [B, T, ...] are gathered the same way. Skipped tokens are unchanged.
+    gate (float, shaped like keep): y = x + gate * (layer(...) - x); a gate of exactly 0 skips the
+    row. Straight-through gradient: exact for rows that ran; for skipped rows 0, or exact with
+    dense_grad=True (the layer then runs on those rows in backward only).
+    Layers returning tuples (HF) are supported: the first element is the hidden state.
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"skip_layer: x must be a torch.Tensor; got {type(x).__name__}")
+    _check_keep(x, keep, gate)
+    if gate is not None and gate.dtype != x.dtype:
+        raise TypeError(f"skip_layer: gate must have x's dtype ({x.dtype}); got {gate.dtype}")
+    run = keep if gate is None else keep & (gate != 0)
+    per_token = keep.dim() == 2
+    B = x.shape[0]
+    R = B * x.shape[1] if per_token else B
+    xr = x.reshape(R, *x.shape[2:]) if per_token else x
+    run_flat = run.reshape(-1)
+    gate_flat = gate.reshape(-1) if gate is not None else None
+
+    if per_token:
+        counts = run.sum(1)
+        kmax = int(counts.max()) if B > 0 else 0
+        T = x.shape[1]
+        # Positions of each sample's kept tokens, in order, padded with -1 to kmax.
+        order = torch.sort((~run).to(torch.int8), dim=1, stable=True).indices[:, :kmax]
+        valid = torch.arange(kmax, device=x.device)[None, :] < counts[:, None]
+        idx = torch.where(valid, order + torch.arange(B, device=x.device)[:, None] * T,
+                          torch.full_like(order, -1)).reshape(-1)
+        n_run = int(counts.sum())
+    else:
+        idx = torch.nonzero(run_flat).reshape(-1)
+        n_run = idx.numel()
+
+    def compact(t):
+        if not isinstance(t, torch.Tensor):
+            return t
+        if per_token and t.dim() >= 2 and tuple(t.shape[:2]) == tuple(keep.shape):
+            return gather_rows(t.reshape(R, *t.shape[2:]), idx, backend).reshape(B, kmax, *t.shape[2:])
+        if not per_token and t.dim() >= 1 and t.shape[0] == B:
+            return gather_rows(t, idx, backend)
+        return t
+
+    if n_run == 0:
+        y = x
+        params = _params_needing_grad(layer)
+        if params:
+            y = _ZeroGrads.apply(x, *params)
+    elif not per_token and n_run == B and gate is None:
+        return _first(layer(x, *args, **kwargs))  # nothing skipped: no copies
+    else:
+        xc = compact(x)
+        args_c = [compact(a) for a in args]
+        kwargs_c = {k: compact(v) for k, v in kwargs.items()}
+        if per_token and pad_mask_kwarg is not None:
+            kwargs_c[pad_mask_kwarg] = valid
+        out = _first(layer(xc, *args_c, **kwargs_c))
+        if per_token:
+            out = out.reshape(B * kmax, *out.shape[2:])
+        g = None
+        if gate_flat is not None:
+            g = gather_rows(gate_flat, idx, backend)
+        y = scatter_rows(xr, idx, out, g, backend)
+        if per_token:
+            y = y.reshape(x.shape)
+
+    if dense_grad and gate is not None and gate.requires_grad and torch.is_grad_enabled():
+        skipped = torch.nonzero((keep & (gate == 0)).reshape(-1)).reshape(-1)
+        if skipped.numel() > 0:
+            y = _dense_gate_grad(layer, x, keep, y, gate, skipped, args, kwargs, per_token,
+                                 pad_mask_kwarg, backend)
+    return y
+
+
+def _dense_gate_grad(layer, x, keep, y, gate, skipped, args, kwargs, per_token, pad_mask_kwarg, backend):
+    """Attach the exact gate gradient of rows a zero gate skipped (computed in backward only)."""
+    def run_skipped():
+        # The layer's output on the skipped rows as if they had been kept (gate 1).
+        full = skip_layer(layer, x.detach(), keep & (gate == 0), *args, gate=None,
+                          pad_mask_kwarg=pad_mask_kwarg, backend=backend, **kwargs)
+        rows = full.reshape(-1, *full.shape[(2 if per_token else 1):])[skipped]
+        xs = x.detach().reshape(-1, *x.shape[(2 if per_token else 1):])[skipped]
+        return rows, xs
+
+    return _GateGradAdder.apply(y, gate, run_skipped, skipped)
+
+
+class _GateGradAdder(torch.autograd.Function):
+    """Identity on y; its backward gives the gate of each row a zero gate skipped its exact
+    gradient, sum((layer(x) - x) * dy), running the layer on those rows in backward only."""
+
+    @staticmethod
+    def forward(ctx, y, gate, run_skipped, skipped):
+        ctx.run_skipped, ctx.skipped = run_skipped, skipped
+        ctx.gate_shape = gate.shape
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, gy):
+        with torch.no_grad():
+            out_s, x_s = ctx.run_skipped()
+            gy_s = gy.reshape(-1, *out_s.shape[1:])[ctx.skipped]
+            dgate = torch.zeros(ctx.gate_shape, dtype=gy.dtype, device=gy.device).reshape(-1)
+            dgate[ctx.skipped] = ((out_s - x_s) * gy_s).reshape(out_s.shape[0], -1).sum(1)
+        return gy, dgate.reshape(ctx.gate_shape), None, None
