@@ -1,4 +1,5 @@
 """Drop-in modules built on the functional ops."""
 from .ffn import GatedFFN
+from .layers import LayerDrop, SkipLayer, TokenRouter
 
-__all__ = ["GatedFFN"]
+__all__ = ["GatedFFN", "SkipLayer", "LayerDrop", "TokenRouter"]
