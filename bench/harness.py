@@ -23,7 +23,7 @@ class Timer:
         self.device = device
         self.quick = quick
         # per row: at least min_rounds rounds, and rounds until budget_s is spent (capped)
-        self.min_rounds = 5 if quick else 9
+        self.min_rounds = 3 if quick else 9
         self.max_rounds = 15 if quick else 60
         self.budget_s = 0.6 if quick else 2.5
 
