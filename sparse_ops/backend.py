@@ -46,15 +46,36 @@ def has_ext() -> bool:
     return _C is not None
 
 
+# Answers are cached in plain dicts, filled on first use (eagerly at import for the
+# registered ops): torch.compile traces a dict lookup, but not the dispatcher query.
+_kernel_cache: dict = {}
+_triton_cache: dict = {}
+_REGISTERED_OPS = ("gated_ffn", "gather_rows", "scatter_rows", "masked_head_attention")
+
+
 def has_kernel(op: str, key: str) -> bool:
     """True when torch.ops.sparse_ops.<op> has a kernel for dispatch key `key` ('CPU', 'CUDA')."""
     if _C is None:
         return False
-    return torch._C._dispatch_has_kernel_for_dispatch_key(f"sparse_ops::{op}", key)
+    hit = _kernel_cache.get((op, key))
+    if hit is None:
+        try:
+            hit = torch._C._dispatch_has_kernel_for_dispatch_key(f"sparse_ops::{op}", key)
+        except RuntimeError:  # no such op
+            hit = False
+        _kernel_cache[(op, key)] = hit
+    return hit
 
 
 def triton_status(device_type: str) -> tuple[bool, str]:
     """(usable, why) for the Triton kernels on a device type."""
+    hit = _triton_cache.get(device_type)
+    if hit is None:
+        hit = _triton_cache[device_type] = _triton_status(device_type)
+    return hit
+
+
+def _triton_status(device_type: str) -> tuple[bool, str]:
     try:
         import triton  # noqa: F401
     except ImportError as e:
@@ -113,3 +134,8 @@ def choose(op: str, device: torch.device, backend: str | None = None) -> str:
                                                                f"no kernel exists for {dt}"),
                       RuntimeWarning, stacklevel=3)
     return "torch"
+
+
+for _op in _REGISTERED_OPS:
+    for _key in ("CPU", "CUDA"):
+        has_kernel(_op, _key)

@@ -114,7 +114,9 @@ def _register():
         if active is None and gate is None:
             K = F_
         else:
-            K = torch.library.get_ctx().new_dynamic_size(min=0, max=F_)
+            # K (columns that run) depends on the mask's values; bounded by F when F is static.
+            ctx = torch.library.get_ctx()
+            K = ctx.new_dynamic_size(min=0, max=F_) if isinstance(F_, int) else ctx.new_dynamic_size()
         up = x.new_empty((N, K)) if w3 is not None else x.new_empty((0,))
         return (x.new_empty((N, d)), x.new_empty((K,), dtype=torch.int64), x.new_empty((N, K)), up)
 

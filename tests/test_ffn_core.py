@@ -1,0 +1,311 @@
+"""gated_ffn on CPU: reference equality, gradients, opcheck, compile, errors, skipped work.
+
+Both CPU paths are covered: N <= 16 rows in float32/float64 take the fused decode kernel
+(csrc/cpu/ffn_cpu.cpp), more rows (or other dtypes) the gathered-GEMM path (csrc/ffn.cpp),
+and per-row masks with few distinct rows the grouped path.
+"""
+import pytest
+import torch
+
+import sparse_ops
+from sparse_ops import reference as R
+
+D64 = torch.float64
+ACTS = ["gelu", "gelu_tanh", "relu", "silu"]
+
+
+def make(N, d=13, F=29, *, w2t=False, glu=False, bias=True, dtype=D64, grad=False, lead=None, seed=0):
+    g = torch.Generator().manual_seed(seed)
+
+    def t(*s):
+        return torch.randn(*s, generator=g, dtype=torch.float64).to(dtype).requires_grad_(grad)
+    x = t(*(lead or (N,)), d)
+    p = {"w1": t(F, d), "w2": t(F, d) if w2t else t(d, F), "w3": t(F, d) if glu else None,
+         "b1": t(F) if bias else None, "b2": t(d) if bias else None}
+    return x, p
+
+
+def tol(dtype):
+    return {D64: (1e-10, 1e-10), torch.float32: (1e-5, 1e-5), torch.bfloat16: (3e-2, 3e-2),
+            torch.float16: (3e-3, 3e-3)}[dtype]
+
+
+def call(fn, x, p, active=None, gate=None, w2t=False, **kw):
+    return fn(x, p["w1"], p["w2"], active, b1=p["b1"], b2=p["b2"], w3=p["w3"], gate=gate,
+              w2_transposed=w2t, **kw)
+
+
+def masks(N, F, lead=None, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    shape = (lead or (N,)) + (F,)
+    return {
+        "none": None,
+        "idx": torch.tensor([3, 0, 7, 28, 3]),                    # unsorted, with a duplicate
+        "bool": torch.rand(F, generator=g) > 0.5,
+        "per_row": torch.rand(*shape, generator=g) > 0.5,
+        "one": torch.tensor([5]),
+        "all": torch.ones(F, dtype=torch.bool),
+        "off": torch.zeros(F, dtype=torch.bool),
+    }
+
+
+@pytest.mark.parametrize("N", [1, 4, 16, 17, 37])
+@pytest.mark.parametrize("w2t", [False, True])
+@pytest.mark.parametrize("glu", [False, True])
+@pytest.mark.parametrize("mask", ["none", "idx", "bool", "per_row", "one", "all", "off"])
+def test_forward_matches_reference(N, w2t, glu, mask):
+    x, p = make(N, w2t=w2t, glu=glu)
+    m = masks(N, 29)[mask]
+    got = call(sparse_ops.gated_ffn, x, p, m, w2t=w2t)
+    exp = call(R.gated_ffn, x, p, m, w2t=w2t)
+    torch.testing.assert_close(got, exp, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("N", [2, 20])
+def test_activations_and_no_bias(act, N):
+    x, p = make(N, bias=False, w2t=True)
+    m = masks(N, 29)["bool"]
+    torch.testing.assert_close(call(sparse_ops.gated_ffn, x, p, m, w2t=True, activation=act),
+                               call(R.gated_ffn, x, p, m, w2t=True, activation=act))
+
+
+@pytest.mark.parametrize("N", [3, 40])
+@pytest.mark.parametrize("gate_kind", ["shared", "per_row", "per_sample", "scalar", "zeros"])
+def test_gate_forms(N, gate_kind):
+    B, T = 2, N // 2 if N > 3 else 1
+    lead = (B, T)
+    x, p = make(None, lead=lead)
+    g = torch.Generator().manual_seed(3)
+    F = 29
+    gate = {"shared": torch.rand(F, generator=g, dtype=D64),
+            "per_row": torch.rand(B, T, F, generator=g, dtype=D64),
+            "per_sample": torch.rand(B, 1, F, generator=g, dtype=D64),
+            "scalar": torch.rand(1, generator=g, dtype=D64),
+            "zeros": torch.rand(F, generator=g, dtype=D64) * (torch.rand(F, generator=g) > 0.5)}[gate_kind]
+    for m in [None, torch.rand(F, generator=g) > 0.3, torch.rand(B, 1, F, generator=g) > 0.3]:
+        torch.testing.assert_close(call(sparse_ops.gated_ffn, x, p, m, gate),
+                                   call(R.gated_ffn, x, p, m, gate))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("N", [4, 33])
+def test_lower_precision(dtype, N):
+    x, p = make(N, dtype=dtype, w2t=True)
+    m = masks(N, 29)["bool"]
+    got = call(sparse_ops.gated_ffn, x, p, m, w2t=True)
+    x64, p64 = make(N, w2t=True)
+    exp = call(R.gated_ffn, x64, p64, m, w2t=True)
+    rt, at = tol(dtype)
+    torch.testing.assert_close(got.double(), exp, rtol=rt * 10, atol=at * 10 * exp.abs().max().item())
+
+
+def test_all_off_is_bias_and_empty_batch():
+    x, p = make(5)
+    off = torch.zeros(29, dtype=torch.bool)
+    out = call(sparse_ops.gated_ffn, x, p, off)
+    torch.testing.assert_close(out, p["b2"].expand(5, 13))
+    p["b2"] = None
+    assert torch.equal(call(sparse_ops.gated_ffn, x, p, off), torch.zeros(5, 13, dtype=D64))
+    for lead in [(0,), (2, 0)]:
+        xe, pe = make(None, lead=lead)
+        for m in [None, masks(1, 29)["bool"], torch.tensor([1, 2])]:
+            assert call(sparse_ops.gated_ffn, xe, pe, m).shape == (*lead, 13)
+
+
+# ----------------------------------------------------------------- gradients
+@pytest.mark.parametrize("N", [3, 37])
+@pytest.mark.parametrize("w2t", [False, True])
+@pytest.mark.parametrize("glu", [False, True])
+@pytest.mark.parametrize("mask", ["none", "idx", "per_row"])
+def test_gradcheck(N, w2t, glu, mask):
+    x, p = make(N, d=5, F=9, w2t=w2t, glu=glu, grad=True)
+    m = {"none": None, "idx": torch.tensor([0, 4, 8]),
+         "per_row": torch.rand(N, 9, generator=torch.Generator().manual_seed(2)) > 0.4}[mask]
+    gate = torch.rand(9, dtype=D64, requires_grad=True)  # no zeros: STE equals the true gradient
+    names = [k for k in ("w1", "w2", "w3", "b1", "b2") if p[k] is not None]
+
+    def f(x, gate, *ws):
+        q = dict(p, **dict(zip(names, ws)))
+        return call(sparse_ops.gated_ffn, x, q, m, gate, w2t=w2t)
+
+    assert torch.autograd.gradcheck(f, [x, gate] + [p[k] for k in names])
+
+
+@pytest.mark.parametrize("N", [3, 37])
+@pytest.mark.parametrize("per_row", [False, True])
+def test_gate_straight_through(N, per_row):
+    x, p = make(N, grad=True, w2t=True)
+    g = torch.Generator().manual_seed(4)
+    shape = (N, 29) if per_row else (29,)
+    gate = (torch.rand(*shape, generator=g, dtype=D64) * (torch.rand(*shape, generator=g) > 0.4)).requires_grad_()
+    gy = torch.randn(N, 13, generator=g, dtype=D64)
+    params = [x, gate, p["w1"], p["w2"], p["b1"], p["b2"]]
+    for dense_grad in (False, True):
+        got = torch.autograd.grad(call(sparse_ops.gated_ffn, x, p, None, gate, w2t=True, dense_grad=dense_grad),
+                                  params, gy)
+        exp = torch.autograd.grad(call(R.gated_ffn, x, p, None, gate, w2t=True, dense_grad=dense_grad),
+                                  params, gy)
+        for a, b in zip(got, exp):
+            torch.testing.assert_close(a, b)
+        zero = gate == 0
+        if not dense_grad:
+            assert torch.all(got[1][zero] == 0)
+        else:
+            assert torch.count_nonzero(got[1][zero]) > 0  # the exact (reference) values, not zeros
+    # with dense_grad, gradcheck holds even at zero gates
+    x2, p2 = make(3, d=5, F=9, w2t=True, grad=True)
+    gz = torch.tensor([0.0, 0.5, 0.0, 1.0, 0.2, 0.0, 0.3, 0.9, 0.0], dtype=D64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda gz: call(sparse_ops.gated_ffn, x2, p2, None, gz, w2t=True, dense_grad=True), [gz])
+
+
+@pytest.mark.parametrize("N", [4, 40])
+@pytest.mark.parametrize("w2t", [False, True])
+def test_inactive_weight_grads_are_exact_zeros(N, w2t):
+    x, p = make(N, w2t=w2t, glu=True, grad=True)
+    m = torch.zeros(29, dtype=torch.bool)
+    m[[1, 5, 20]] = True
+    out = call(sparse_ops.gated_ffn, x, p, m, w2t=w2t)
+    out.pow(2).sum().backward()
+    off = ~m
+    assert torch.all(p["w1"].grad[off] == 0) and torch.all(p["w3"].grad[off] == 0)
+    assert torch.all(p["b1"].grad[off] == 0)
+    w2g = p["w2"].grad[off] if w2t else p["w2"].grad[:, off]
+    assert torch.all(w2g == 0)
+    assert torch.count_nonzero(p["w1"].grad[m]) > 0
+
+
+# ----------------------------------------------------------------- skipped work is not done
+@pytest.mark.parametrize("N", [1, 4, 40])
+@pytest.mark.parametrize("w2t", [False, True])
+@pytest.mark.parametrize("kind", ["shared", "per_row"])
+def test_planted_nan_in_inactive_columns_never_reaches_results(N, w2t, kind):
+    x, p = make(N, w2t=w2t, glu=True, grad=True)
+    g = torch.Generator().manual_seed(5)
+    if kind == "shared":
+        m = torch.rand(29, generator=g) > 0.5
+        dead = ~m
+    else:
+        m = torch.rand(N, 29, generator=g) > 0.5
+        m[:, :4] = False  # columns 0..3 inactive for every row
+        dead = ~m.any(0)
+    clean = {k: (v.detach().clone() if v is not None else None) for k, v in p.items()}
+    with torch.no_grad():
+        for k in ("w1", "w3"):
+            p[k][dead] = float("nan")
+        p["b1"][dead] = float("nan")
+        if w2t:
+            p["w2"][dead] = float("nan")
+        else:
+            p["w2"][:, dead] = float("nan")
+    out = call(sparse_ops.gated_ffn, x, p, m, w2t=w2t)
+    gy = torch.randn_like(out)
+    grads = torch.autograd.grad(out, [x] + [p[k] for k in ("w1", "w2", "w3", "b1", "b2")], gy)
+    assert torch.isfinite(out).all()
+    for gr in grads:
+        assert torch.isfinite(gr).all()
+    clean = {k: (v.requires_grad_() if v is not None else None) for k, v in clean.items()}
+    xc = x.detach().clone().requires_grad_()
+    exp = call(R.gated_ffn, xc, clean, m, w2t=w2t)
+    torch.testing.assert_close(out, exp)
+    exp_g = torch.autograd.grad(exp, [xc] + [clean[k] for k in ("w1", "w2", "w3", "b1", "b2")], gy)
+    for a, b in zip(grads, exp_g):
+        torch.testing.assert_close(a, b)
+
+
+def test_large_finite_inputs_stay_finite():
+    x, p = make(6, w2t=True)
+    x = x * 1e3
+    m = masks(6, 29)["bool"]
+    got = call(sparse_ops.gated_ffn, x, p, m, w2t=True, activation="silu")
+    exp = call(R.gated_ffn, x, p, m, w2t=True, activation="silu")
+    assert torch.isfinite(exp).all() and torch.isfinite(got).all()
+    torch.testing.assert_close(got, exp)
+
+
+# ----------------------------------------------------------------- opcheck, compile
+def _op_args(N, w2t, glu, active, gate):
+    x, p = make(N, w2t=w2t, glu=glu, grad=True)
+    return (x, p["w1"], p["w2"], p["b1"], p["b2"], p["w3"], active, gate, "gelu", w2t, False)
+
+
+@pytest.mark.parametrize("N", [3, 37])
+@pytest.mark.parametrize("case", ["none", "idx", "bool", "per_row", "gate", "glu_w2t"])
+def test_opcheck(N, case):
+    g = torch.Generator().manual_seed(6)
+    active = {"idx": torch.tensor([0, 5, 9]), "bool": torch.rand(29, generator=g) > 0.5,
+              "per_row": torch.rand(N, 29, generator=g) > 0.5}.get(case)
+    gate = torch.rand(29, dtype=D64, generator=g).requires_grad_() if case == "gate" else None
+    args = _op_args(N, case == "glu_w2t", case == "glu_w2t", active, gate)
+    torch.library.opcheck(torch.ops.sparse_ops.gated_ffn.default, args)
+
+
+def test_compile_fullgraph_no_mask_and_shared_mask():
+    torch._dynamo.reset()
+    x, p = make(20, w2t=True, dtype=torch.float32, grad=True)
+    m = masks(20, 29)["bool"]
+
+    def f(x, w1, w2, b1, b2, active):
+        return sparse_ops.gated_ffn(x, w1, w2, active, b1=b1, b2=b2, w2_transposed=True)
+
+    cf = torch.compile(f, fullgraph=True)
+    for active in (None, m):
+        got = cf(x, p["w1"], p["w2"], p["b1"], p["b2"], active)
+        exp = call(R.gated_ffn, x, p, active, w2t=True)
+        torch.testing.assert_close(got, exp, rtol=1e-5, atol=1e-5)
+        gg = torch.autograd.grad(got.sum(), [x, p["w1"]])
+        ge = torch.autograd.grad(exp.sum(), [x, p["w1"]])
+        for a, b in zip(gg, ge):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+# ----------------------------------------------------------------- errors
+def _bad(**over):
+    x, p = make(4, w2t=False)
+    args = dict(x=x, w1=p["w1"], w2=p["w2"], active=None, b1=p["b1"], b2=p["b2"], w3=None, gate=None)
+    args.update(over)
+    a = args.pop("active")
+    return lambda: sparse_ops.gated_ffn(args.pop("x"), args.pop("w1"), args.pop("w2"), a, **args)
+
+
+@pytest.mark.parametrize("over,exc,match", [
+    (dict(active=torch.tensor([0, 29])), RuntimeError, r"active indices must be in \[0, F\)"),
+    (dict(active=torch.tensor([-1, 2])), RuntimeError, r"active indices must be in \[0, F\)"),
+    (dict(active=torch.tensor([1, 2], dtype=torch.int32)), TypeError, "active must be int64 indices"),
+    (dict(active=torch.tensor([1.0, 2.0])), TypeError, "active must be int64 indices"),
+    (dict(active=torch.ones(28, dtype=torch.bool)), RuntimeError, "bool active mask must be"),
+    (dict(active=torch.ones(3, 29, dtype=torch.bool)), ValueError, "per-row active mask"),
+    (dict(gate=torch.rand(28, dtype=D64)), ValueError, "gate must be broadcastable"),
+    (dict(gate=torch.ones(29, dtype=torch.int64)), TypeError, "gate must be a floating tensor"),
+    (dict(gate=torch.rand(29, dtype=torch.float32)), RuntimeError, "gate must have the same dtype as x"),
+    (dict(w1=torch.randn(29, 13, dtype=torch.float32)), RuntimeError, "w1 must have the same dtype as x"),
+    (dict(w2=torch.randn(29, 13, dtype=D64)), RuntimeError, r"w2 must be \[d, F\]"),
+    (dict(w3=torch.randn(28, 13, dtype=D64)), RuntimeError, r"w3 must be \[F, d\]"),
+    (dict(b1=torch.randn(28, dtype=D64)), RuntimeError, r"b1 must be \[F\]"),
+    (dict(b2=torch.randn(12, dtype=D64)), RuntimeError, r"b2 must be \[d\]"),
+    (dict(w1=torch.randn(29, 12, dtype=D64)), RuntimeError, r"w1 must be \[F, d\]"),
+    (dict(x=[1.0, 2.0]), TypeError, "x must be a torch.Tensor"),
+])
+def test_bad_inputs_raise_clear_errors(over, exc, match):
+    with pytest.raises(exc, match=match):
+        _bad(**over)()
+
+
+def test_bad_layout_activation_and_backend():
+    x, p = make(4, w2t=False)
+    with pytest.raises(RuntimeError, match=r"w2 must be \[F, d\] = \[29, 13\] with w2_transposed=True"):
+        call(sparse_ops.gated_ffn, x, p, None, w2t=True)
+    with pytest.raises(ValueError, match="activation must be one of"):
+        call(sparse_ops.gated_ffn, x, p, None, activation="tanh")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        call(sparse_ops.gated_ffn, x, p, None, backend="fast")
+    with pytest.raises(RuntimeError, match="backend 'cuda' is not usable here"):
+        call(sparse_ops.gated_ffn, x, p, None, backend="cuda")
+
+
+def test_torch_backend_matches_cpp():
+    x, p = make(6, w2t=True)
+    m = masks(6, 29)["per_row"]
+    torch.testing.assert_close(call(sparse_ops.gated_ffn, x, p, m, w2t=True, backend="torch"),
+                               call(sparse_ops.gated_ffn, x, p, m, w2t=True, backend="cpp"))
