@@ -383,6 +383,9 @@ static void scatter_cols(Tensor& dst, int64_t dim, const Tensor& idx, const Tens
   if (!src.defined()) return;
   if (all) dst.copy_(src);
   else if (accumulate) dst.index_add_(dim, idx, src);
+#ifdef SPARSE_OPS_WITH_CUDA
+  else if (dst.is_cuda()) cuda_scatter(dst, dim, idx, src);
+#endif
   else dst.index_copy_(dim, idx, src);
 }
 

@@ -72,6 +72,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_gath
     const Tensor& idx, const Tensor& pre, const Tensor& up, Act act, bool w2_transposed,
     bool dense_grad, const std::array<bool, 3>& need);
 
+#ifdef SPARSE_OPS_WITH_CUDA
+// dst.index_copy_(dim, idx, src) for CUDA tensors by the scatter kernel of csrc/cuda
+// (defined in csrc/cuda/ffn_cuda.cpp); dim 0 scatters rows, dim 1 columns of a 2-D dst.
+void cuda_scatter(Tensor& dst, int64_t dim, const Tensor& idx, const Tensor& src);
+#endif
+
 // Rebuild the Active of a forward call from its saved idx (backward).
 Active active_from_idx(int64_t N, int64_t F, const OptTensor& active, const OptTensor& gate,
                        const Tensor& idx, const at::TensorOptions& like);

@@ -1,11 +1,10 @@
 // CUDA kernels of the row ops behind skip_layer: one block per kept row, grid-stride over
 // the row's elements; 16-byte vector copies for gather when rows are 16-byte aligned.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
 
+#include "dtype.cuh"
 #include "rows_kernels.h"
 
 namespace sparse_ops {
@@ -13,21 +12,6 @@ namespace cuda {
 namespace {
 
 constexpr int kThreads = 256;
-
-template <typename T> __device__ __forceinline__ float to_f(T v) { return float(v); }
-template <> __device__ __forceinline__ float to_f<__half>(__half v) { return __half2float(v); }
-template <> __device__ __forceinline__ float to_f<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
-template <typename T> __device__ __forceinline__ T from_f(float v) { return T(v); }
-template <> __device__ __forceinline__ __half from_f<__half>(float v) { return __float2half(v); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16(v); }
-
-// double keeps double arithmetic; the other types compute in float.
-template <typename T> struct Acc { using type = float; };
-template <> struct Acc<double> { using type = double; };
-template <typename T> __device__ __forceinline__ typename Acc<T>::type to_acc(T v) { return to_f(v); }
-template <> __device__ __forceinline__ double to_acc<double>(double v) { return v; }
-template <typename T> __device__ __forceinline__ T from_acc(typename Acc<T>::type v) { return from_f<T>(v); }
-template <> __device__ __forceinline__ double from_acc<double>(double v) { return v; }
 
 template <typename V>
 __global__ void gather_rows_kernel(const V* __restrict__ x, const int64_t* __restrict__ idx, V* __restrict__ out,
