@@ -53,4 +53,25 @@ TORCH_LIBRARY(sparse_ops, m) {
   m.def(
       "scatter_rows_backward(Tensor grad, Tensor x, Tensor idx, Tensor src, Tensor? gate, bool[3] need) "
       "-> (Tensor dx, Tensor dsrc, Tensor dgate)");
+
+  // ---------------------------------------------------------------- masked head attention
+  // q [B, H, Tq, D]; k, v [B, H, Tk, D]; head_mask bool or float (q's dtype), [B, H] or [H]
+  // (a float gate of exactly 0 skips its pair); attn_mask bool or additive float, broadcastable
+  // to [B, H, Tq, Tk]. out = sdpa(q, k, v, attn_mask, is_causal, scale) * head_mask[..., None, None],
+  // computed only for the running (b, h) pairs. Returns out [B, H, Tq, D] (laid out [B, Tq, H, D])
+  // and what backward needs:
+  //   pairs [P] int64: flat indices b * H + h of the running pairs (sorted),
+  //   out_c [P, Tq, D]: their un-gated attention outputs for a float head_mask, else empty [0],
+  //   lse [P, Tq]: their log-sum-exp (float32 for half/bfloat16 inputs).
+  // dense_grad is read by backward only (gate gradient of pairs a zero gate skipped).
+  m.def(
+      "masked_head_attention(Tensor q, Tensor k, Tensor v, Tensor head_mask, Tensor? attn_mask, "
+      "bool is_causal, float? scale, bool dense_grad) -> (Tensor out, Tensor pairs, Tensor out_c, Tensor lse)");
+  // Gradients of masked_head_attention. need = [q, k, v, head_mask]; not-needed ones come back
+  // empty. Pairs that did not run get exact-zero q/k/v gradients (and gate gradient 0 unless
+  // dense_grad). attn_mask gets no gradient.
+  m.def(
+      "masked_head_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor head_mask, "
+      "Tensor? attn_mask, Tensor pairs, Tensor out, Tensor out_c, Tensor lse, bool is_causal, float? scale, "
+      "bool dense_grad, bool[4] need) -> (Tensor dq, Tensor dk, Tensor dv, Tensor dhead_mask)");
 }

@@ -6,11 +6,11 @@ computed. See DESIGN.md for the contract; `sparse_ops.info()` for what was built
 from . import backend as _backend_mod
 from .backend import set_backend, get_backend
 from . import reference
-from .ops import gated_ffn, skip_layer
+from .ops import gated_ffn, masked_head_attention, skip_layer
 from . import gates
 from . import nn
 from . import info  # a callable module: sparse_ops.info() -> dict; python -m sparse_ops.info
 
 __version__ = "0.1.0"
 
-__all__ = ["gated_ffn", "skip_layer", "gates", "nn", "info", "reference", "set_backend", "get_backend"]
+__all__ = ["gated_ffn", "masked_head_attention", "skip_layer", "gates", "nn", "info", "reference", "set_backend", "get_backend"]

@@ -24,7 +24,7 @@ def info() -> dict:
         out["triton"] = triton.__version__
     except ImportError:
         out["triton"] = None
-    ops = ("gated_ffn", "gather_rows", "scatter_rows")
+    ops = ("gated_ffn", "gather_rows", "scatter_rows", "masked_head_attention")
     for name, key, dev in (("cpp", "CPU", "cpu"), ("cuda", "CUDA", "cuda")):
         if not b.has_ext():
             out["backends"][name] = {"built": False, "usable": False, "why": b.EXT_ERROR}

@@ -54,3 +54,28 @@ def gated_ffn(x, w1, w2, active=None, *, b1=None, b2=None, w3=None, gate=None,
         hg = torch.where(mask, h, torch.zeros((), dtype=h.dtype, device=h.device))
     w2n = w2.t() if w2_transposed else w2
     return F.linear(hg, w2n, b2)
+
+
+def masked_head_attention(q, k, v, head_mask, *, attn_mask=None, is_causal=False, scale=None,
+                          dense_grad=False):
+    """F.scaled_dot_product_attention(q, k, v, attn_mask, is_causal, scale) * head_mask[..., None, None].
+
+    q [B, H, Tq, D], k/v [B, H, Tk, D]; head_mask bool or float, [B, H] or [H]. Computed densely;
+    pairs that do not run are selected away (where, not a multiply), so nothing from them (not
+    even a NaN) reaches the output. A float gate gets the straight-through gradient: pairs a zero
+    gate skipped get gate gradient 0 unless dense_grad=True.
+    """
+    if is_causal and attn_mask is not None:
+        # Both: the causal (top-left aligned) mask and attn_mask apply together, as in ATen's flash
+        # kernel (F.scaled_dot_product_attention refuses the pair on some paths).
+        Tq, Tk = q.shape[-2], k.shape[-2]
+        causal = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril()
+        attn_mask = (attn_mask & causal) if attn_mask.dtype == torch.bool else \
+            attn_mask.masked_fill(~causal, float("-inf"))
+        is_causal = False
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale)
+    m = head_mask[..., None, None]
+    zero = torch.zeros((), dtype=o.dtype, device=o.device)
+    if m.dtype == torch.bool:
+        return torch.where(m, o, zero)
+    return torch.where(m != 0, o * m, zero) if not dense_grad else o * m
