@@ -39,7 +39,9 @@ def _extensions():
 
     debug = os.environ.get("SPARSE_OPS_DEBUG", "0") == "1"
     opt = ["-O0", "-g"] if debug else ["-O3", "-g0"]
-    cxx_flags = opt + ["-fopenmp", "-std=c++17", "-DPy_LIMITED_API=0x03090000"]
+    # No -std and no Py_LIMITED_API here: torch's BuildExtension adds the standard its headers
+    # need (C++17 for torch 2.13, C++20 for 2.14) and the limited-API define (py_limited_api).
+    cxx_flags = opt + ["-fopenmp"]
     link_flags = ["-fopenmp"]
 
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) +
@@ -64,7 +66,7 @@ def _extensions():
             "sparse_ops._C", sources,
             extra_compile_args={"cxx": cxx_flags + ["-DSPARSE_OPS_WITH_CUDA"],
                                 "nvcc": (["-O3", "-lineinfo"] if not debug else ["-O0", "-G"]) +
-                                        ["-std=c++17", "-DSPARSE_OPS_WITH_CUDA"]},
+                                        ["-DSPARSE_OPS_WITH_CUDA"]},
             extra_link_args=link_flags, py_limited_api=True)
     else:
         ext = CppExtension("sparse_ops._C", sources,
