@@ -20,6 +20,10 @@ def _check(q, k, v, head_mask, attn_mask):
     if attn_mask is not None and not isinstance(attn_mask, torch.Tensor):
         raise TypeError(f"masked_head_attention: attn_mask must be a torch.Tensor or None; "
                         f"got {type(attn_mask).__name__}")
+    for name, t in (("k", k), ("v", v), ("head_mask", head_mask), ("attn_mask", attn_mask)):
+        if t is not None and t.device != q.device:
+            raise ValueError(f"masked_head_attention: {name} must be on the same device as q ({q.device}); "
+                             f"got {t.device}")
     if q.dim() != 4:
         raise ValueError(f"masked_head_attention: q must be 4-D [B, H, Tq, D]; got shape {tuple(q.shape)}")
     if not q.is_floating_point():
@@ -72,9 +76,10 @@ def _register():
     @torch.library.register_fake("sparse_ops::masked_head_attention")
     def _(q, k, v, head_mask, attn_mask, is_causal, scale, dense_grad):
         B, H, Tq, D = q.shape
-        P = torch.library.get_ctx().new_dynamic_size(min=0, max=B * H)
+        n = B * H
+        P = torch.library.get_ctx().new_dynamic_size(min=0, max=n if isinstance(n, int) else None)
         out_c = q.new_empty((P, Tq, D)) if head_mask.dtype != torch.bool else q.new_empty((0,))
-        return (_bthd(q, Tq), q.new_empty((P,), dtype=torch.int64), out_c,
+        return (torch.empty_like(q), q.new_empty((P,), dtype=torch.int64), out_c,
                 q.new_empty((P, Tq), dtype=_acc(q.dtype)))
 
     @torch.library.register_fake("sparse_ops::masked_head_attention_backward")

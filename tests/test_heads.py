@@ -1,0 +1,247 @@
+"""masked_head_attention: reference equality, gradients (STE gates, dense_grad), opcheck,
+torch.compile, errors, and proof that pairs that are off are never computed."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import sparse_ops
+from sparse_ops import reference as R
+from sparse_ops.ops.heads import masked_head_attention as mha
+
+D64 = torch.float64
+
+
+def qkv(B, H, Tq, Tk, D, dtype=torch.float32, layout="bhtd", seed=0, grad=False):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for T in (Tq, Tk, Tk):
+        if layout == "bthd":  # the layout a fused QKV projection gives
+            t = torch.randn(B, T, H, D, generator=g, dtype=dtype).transpose(1, 2)
+        else:
+            t = torch.randn(B, H, T, D, generator=g, dtype=dtype)
+        out.append(t.detach().requires_grad_(grad) if grad else t)
+    return out
+
+
+def head_masks(B, H, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    on = torch.rand(B, H, generator=g) > 0.5
+    on[0, 0] = True
+    on[-1, -1] = False
+    shared = torch.rand(H, generator=g) > 0.4
+    shared[0] = True
+    gate = torch.rand(B, H, generator=g, dtype=dtype) + 0.1
+    return {
+        "bool_BH": on,
+        "bool_H": shared,
+        "float_BH": gate * on,
+        "float_H": (torch.rand(H, generator=g, dtype=dtype) + 0.1) * shared,
+        "float_BH_nonzero": gate,
+        "all_on": torch.ones(B, H, dtype=torch.bool),
+        "all_off": torch.zeros(B, H, dtype=torch.bool),
+        "single": torch.zeros(B, H, dtype=torch.bool).index_put_((torch.tensor([B - 1]), torch.tensor([H // 2])),
+                                                              torch.tensor(True)),
+    }
+
+
+def attn_masks(B, H, Tq, Tk, dtype, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    pad = torch.ones(B, 1, 1, Tk, dtype=torch.bool)
+    for b in range(B):
+        pad[b, ..., Tk - (b % 3):] = False  # key padding, at least one key kept
+    full = torch.rand(B, H, Tq, Tk, generator=g) > 0.3
+    full[..., 0] = True
+    return {
+        "none": None,
+        "key_padding": pad,
+        "bool_full": full,
+        "float_TqTk": torch.randn(Tq, Tk, generator=g, dtype=dtype),
+        "float_H11Tk": torch.randn(H, 1, Tk, generator=g, dtype=dtype),
+    }
+
+
+def check_close(a, b, dtype):
+    tol = 1e-5 if dtype == torch.float32 else 1e-10
+    torch.testing.assert_close(a, b, rtol=tol * 10, atol=tol * 10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, D64])
+@pytest.mark.parametrize("mask_name", ["bool_BH", "bool_H", "float_BH", "float_H", "float_BH_nonzero",
+                                       "all_on", "all_off", "single"])
+@pytest.mark.parametrize("am_name", ["none", "key_padding", "bool_full", "float_TqTk", "float_H11Tk"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_matches_reference_fwd_bwd(dtype, mask_name, am_name, causal):
+    B, H, Tq, Tk, D = 3, 4, 7, 13, 5
+    q, k, v = qkv(B, H, Tq, Tk, D, dtype, grad=True)
+    hm = head_masks(B, H, dtype)[mask_name]
+    am = attn_masks(B, H, Tq, Tk, dtype)[am_name]
+    gated = hm.is_floating_point()
+    h1 = hm.clone().requires_grad_(gated)
+    h2 = hm.clone().requires_grad_(gated)
+    out = mha(q, k, v, h1, attn_mask=am, is_causal=causal)
+    ref = R.masked_head_attention(q, k, v, h2, attn_mask=am, is_causal=causal)
+    check_close(out, ref, dtype)
+    go = torch.randn_like(ref)
+    ins = [q, k, v] + ([h1] if gated else [])
+    ins2 = [q, k, v] + ([h2] if gated else [])
+    for a, b in zip(torch.autograd.grad(out, ins, go), torch.autograd.grad(ref, ins2, go)):
+        check_close(a, b, dtype)
+    # Pairs that are off: exact zeros in the output and the q/k/v gradients.
+    run = (hm != 0) if gated else hm
+    off = ~run.expand(B, H)
+    assert (out.detach()[off] == 0).all()
+
+
+def test_matches_plain_sdpa_times_mask():
+    """The issue's reference: F.scaled_dot_product_attention(...) * m[..., None, None]."""
+    B, H, T, D = 2, 3, 16, 32
+    q, k, v = qkv(B, H, T, T, D)
+    m = torch.tensor([[1.0, 0.0, 0.5], [0.0, 2.0, 1.0]])
+    pad = torch.ones(B, 1, 1, T, dtype=torch.bool)
+    pad[1, ..., -5:] = False
+    for am, causal in ((None, True), (pad, False)):
+        ref = F.scaled_dot_product_attention(q, k, v, attn_mask=am, is_causal=causal) * m[..., None, None]
+        check_close(sparse_ops.masked_head_attention(q, k, v, m, attn_mask=am, is_causal=causal), ref,
+                    torch.float32)
+
+
+@pytest.mark.parametrize("D", [32, 64, 80, 128, 5, 7])
+@pytest.mark.parametrize("T", [7, 13, 64])
+@pytest.mark.parametrize("layout", ["bhtd", "bthd"])
+def test_head_dims_and_layouts(D, T, layout):
+    B, H = 2, 3
+    q, k, v = qkv(B, H, T, T + 3, D, layout=layout)
+    hm = head_masks(B, H, torch.float32)["bool_BH"]
+    check_close(mha(q, k, v, hm, scale=0.3), R.masked_head_attention(q, k, v, hm, scale=0.3), torch.float32)
+
+
+def test_empty_batch_and_zero_queries():
+    q, k, v = qkv(0, 4, 7, 9, 8, grad=True)
+    out = mha(q, k, v, torch.ones(0, 4, dtype=torch.bool))
+    assert out.shape == (0, 4, 7, 8)
+    out.sum().backward()
+    q, k, v = qkv(2, 3, 0, 5, 8)
+    assert mha(q, k, v, torch.ones(3, dtype=torch.bool)).shape == (2, 3, 0, 8)
+
+
+def test_gradcheck_float64():
+    B, H, Tq, Tk, D = 2, 3, 5, 6, 4
+    q, k, v = qkv(B, H, Tq, Tk, D, D64, grad=True)
+    on = torch.tensor([[True, False, True], [False, True, True]])
+    pad = torch.ones(B, 1, 1, Tk, dtype=torch.bool)
+    pad[1, ..., -2:] = False
+    assert torch.autograd.gradcheck(lambda q, k, v: mha(q, k, v, on, attn_mask=pad), [q, k, v])
+    assert torch.autograd.gradcheck(lambda q, k, v: mha(q, k, v, on, is_causal=True), [q, k, v])
+    # Gates without zeros: exact gradient everywhere.
+    gate = (torch.rand(B, H, dtype=D64) + 0.5).requires_grad_()
+    assert torch.autograd.gradcheck(lambda q, k, v, g: mha(q, k, v, g), [q, k, v, gate])
+    shared = (torch.rand(H, dtype=D64) + 0.5).requires_grad_()
+    assert torch.autograd.gradcheck(lambda q, k, v, g: mha(q, k, v, g, is_causal=True), [q, k, v, shared])
+    # Gates with zeros: the straight-through gradient is the true one only with dense_grad=True.
+    gz = torch.tensor([[0.7, 0.0, 1.2], [0.0, 0.9, 0.4]], dtype=D64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda q, k, v, g: mha(q, k, v, g, dense_grad=True), [q, k, v, gz])
+
+
+def test_gate_gradient_of_skipped_pairs():
+    B, H, T, D = 2, 3, 5, 4
+    q, k, v = qkv(B, H, T, T, D, D64)
+    gz = torch.tensor([[0.7, 0.0, 1.2], [0.0, 0.9, 0.4]], dtype=D64)
+    go = torch.randn(B, H, T, D, dtype=D64)
+    raw = F.scaled_dot_product_attention(q, k, v)
+    want = (go * raw).sum((2, 3))
+    for dense in (False, True):
+        g = gz.clone().requires_grad_()
+        (mha(q, k, v, g, dense_grad=dense) * go).sum().backward()
+        exp = want if dense else torch.where(gz != 0, want, torch.zeros(()))
+        torch.testing.assert_close(g.grad, exp)
+
+
+def test_opcheck():
+    B, H, Tq, Tk, D = 2, 3, 5, 7, 8
+    q, k, v = qkv(B, H, Tq, Tk, D, grad=True)
+    on = torch.tensor([[True, False, True], [False, True, True]])
+    gate = torch.tensor([[0.5, 0.0, 1.5], [1.0, 0.25, 0.0]], requires_grad=True)
+    pad = torch.ones(B, 1, 1, Tk, dtype=torch.bool)
+    pad[0, ..., -2:] = False
+    op = torch.ops.sparse_ops.masked_head_attention.default
+    for hm, am, causal, dg in ((on, None, False, False), (on, pad, True, False), (gate, None, False, False),
+                               (gate, pad, False, True), (torch.ones(H, dtype=torch.bool), None, True, False),
+                               (torch.zeros(B, H, dtype=torch.bool), None, False, False)):
+        torch.library.opcheck(op, (q, k, v, hm, am, causal, None, dg))
+
+
+def test_compile_runs_and_matches():
+    B, H, T, D = 2, 4, 9, 16
+    q, k, v = qkv(B, H, T, T, D, grad=True)
+    gate = torch.tensor([[1.0, 0.0, 0.5, 2.0], [0.0, 1.0, 1.0, 0.0]], requires_grad=True)
+
+    def f(q, k, v, g):
+        return sparse_ops.masked_head_attention(q, k, v, g, is_causal=True).sum(1)
+
+    cf = torch.compile(f, fullgraph=True)
+    out = cf(q, k, v, gate)
+    ref = R.masked_head_attention(q, k, v, gate, is_causal=True).sum(1)
+    check_close(out, ref, torch.float32)
+    out.sum().backward()
+    gq = q.grad.clone()
+    q.grad = None
+    ref.sum().backward()
+    check_close(gq, q.grad, torch.float32)
+
+
+def test_off_pairs_are_never_computed():
+    """NaN planted in the q/k/v of pairs that are off reaches neither the output nor any gradient."""
+    B, H, T, D = 2, 3, 6, 8
+    q, k, v = qkv(B, H, T, T, D)
+    on = torch.tensor([[True, False, True], [False, True, False]])
+    for t in (q, k, v):
+        t[~on] = float("nan")
+    for hm in (on, on.float() * 0.5):
+        qq, kk, vv = (t.clone().requires_grad_() for t in (q, k, v))
+        g = hm.clone().requires_grad_(hm.is_floating_point())
+        out = mha(qq, kk, vv, g)
+        assert torch.isfinite(out).all()
+        assert (out[~on] == 0).all()
+        out.sum().backward()
+        for t in (qq, kk, vv):
+            assert torch.isfinite(t.grad).all()
+            assert (t.grad[~on] == 0).all()
+        if g.requires_grad:
+            assert torch.isfinite(g.grad).all() and (g.grad[~on] == 0).all()
+
+
+def test_torch_backend_matches():
+    B, H, T, D = 2, 3, 6, 8
+    q, k, v = qkv(B, H, T, T, D)
+    hm = torch.tensor([[1.0, 0.0, 0.5], [0.0, 1.0, 1.0]])
+    check_close(mha(q, k, v, hm, backend="torch"), mha(q, k, v, hm, backend="cpp"), torch.float32)
+
+
+@pytest.mark.parametrize("args, match", [
+    (lambda q, k, v, m: (q[0], k, v, m), r"q must be 4-D"),
+    (lambda q, k, v, m: (q, k[:, :2], v, m), r"k must be \[B, H, Tk, D\]"),
+    (lambda q, k, v, m: (q, k, v[..., :3], m), r"v must be shaped like k"),
+    (lambda q, k, v, m: (q, k.double(), v, m), r"k must have the same dtype as q"),
+    (lambda q, k, v, m: (q, k, v, m[:, :2]), r"head_mask must be \[B, H\]"),
+    (lambda q, k, v, m: (q, k, v, m.long()), r"head_mask must be bool or floating"),
+    (lambda q, k, v, m: (q.long(), k, v, m), r"q must be a floating tensor"),
+    (lambda q, k, v, m: (q, k, v, "x"), r"head_mask must be a torch.Tensor"),
+])
+def test_errors_name_the_argument(args, match):
+    q, k, v = qkv(2, 3, 5, 5, 4)
+    m = torch.ones(2, 3, dtype=torch.bool)
+    with pytest.raises((ValueError, TypeError, RuntimeError), match=match):
+        mha(*args(q, k, v, m))
+
+
+def test_errors_from_the_op():
+    q, k, v = qkv(2, 3, 5, 6, 4)
+    m = torch.ones(2, 3, dtype=torch.bool)
+    with pytest.raises(RuntimeError, match=r"attn_mask must be broadcastable to \[B, H, Tq, Tk\]"):
+        mha(q, k, v, m, attn_mask=torch.ones(5, 5, dtype=torch.bool))
+    with pytest.raises(RuntimeError, match=r"attn_mask must be bool or have q's dtype"):
+        mha(q, k, v, m, attn_mask=torch.ones(5, 6, dtype=torch.int32))
+    with pytest.raises(RuntimeError, match=r"head_mask must be bool or have q's dtype"):
+        torch.ops.sparse_ops.masked_head_attention(q, k, v, m.double(), None, False, None, False)
+    with pytest.raises(ValueError, match=r"k must be on the same device as q"):
+        mha(q, k.to("meta"), v, m)
