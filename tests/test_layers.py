@@ -11,7 +11,7 @@ import sparse_ops
 from sparse_ops.nn import LayerDrop, SkipLayer, TokenRouter
 from sparse_ops.ops.layers import gather_rows, scatter_rows
 
-BACKENDS = ["cpp", "torch"]
+BACKENDS = ["cpp", "torch", "triton"]  # triton: interpreter on CPU (tests/conftest.py)
 D64 = torch.float64
 
 
@@ -78,6 +78,21 @@ def test_rows_match_reference(backend, dtype):
             exp[i] = x[i].float() + gate[k].float() * (src[k].float() - x[i].float())
     tol = 1e-2 if dtype == torch.bfloat16 else 1e-6
     torch.testing.assert_close(yg.float(), exp, rtol=tol, atol=tol)
+
+
+def test_rows_triton_gradcheck_and_opcheck():
+    from sparse_ops.triton_kernels import rows as trows
+    torch.manual_seed(0)
+    x = torch.randn(7, 3, 5, dtype=D64, requires_grad=True)
+    idx = torch.tensor([4, -1, 0, 6])
+    src = torch.randn(4, 3, 5, dtype=D64, requires_grad=True)
+    gate = torch.rand(4, dtype=D64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x: trows.gather_op(x, idx), [x])
+    assert torch.autograd.gradcheck(lambda x, s, g: trows.scatter_op(x, idx, s, g), [x, src, gate])
+    torch.library.opcheck(trows.scatter_op, (x, idx, src, gate))
+    torch.library.opcheck(trows.gather_op, (x, idx))
+    with pytest.raises(ValueError, match="must not repeat a row"):
+        trows.scatter_op(x, torch.tensor([1, 1]), src[:2], None)
 
 
 def test_rows_gradcheck_and_opcheck():

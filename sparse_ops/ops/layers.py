@@ -4,6 +4,7 @@ Kept rows are compacted with `gather_rows`, the layer runs once on the compact b
 `scatter_rows` writes its output back (blending with a gate); skipped rows are never fed
 to the layer and pass through unchanged. Row ops:
   cpp / cuda -> torch.ops.sparse_ops.gather_rows / scatter_rows (csrc/cpu, csrc/cuda)
+  triton     -> sparse_ops/triton_kernels/rows.py
   torch      -> the same formulas with index_select / index_copy (reference fallback)
 register_fake and register_autograd for the row ops live here.
 """
@@ -35,16 +36,24 @@ def _rows_torch_scatter(x, idx, src, gate):
 
 def gather_rows(x: torch.Tensor, idx: torch.Tensor, backend: str = "auto") -> torch.Tensor:
     """out[k] = x[idx[k]], zeros where idx[k] == -1 (padding). idx must not repeat a row."""
-    if _backend.choose("gather_rows", x.device, backend) == "torch":
+    name = _backend.choose("gather_rows", x.device, backend)
+    if name == "torch":
         return _rows_torch_gather(x, idx)
+    if name == "triton":
+        from ..triton_kernels import rows as _trows
+        return _trows.gather_op(x, idx)
     return torch.ops.sparse_ops.gather_rows(x, idx)
 
 
 def scatter_rows(x: torch.Tensor, idx: torch.Tensor, src: torch.Tensor, gate: torch.Tensor | None = None,
                  backend: str = "auto") -> torch.Tensor:
     """y = x with y[idx[k]] = src[k] (or x + gate[k] * (src[k] - x) with a gate); -1 rows skipped."""
-    if _backend.choose("scatter_rows", x.device, backend) == "torch":
+    name = _backend.choose("scatter_rows", x.device, backend)
+    if name == "torch":
         return _rows_torch_scatter(x, idx, src, gate)
+    if name == "triton":
+        from ..triton_kernels import rows as _trows
+        return _trows.scatter_op(x, idx, src, gate)
     return torch.ops.sparse_ops.scatter_rows(x, idx, src, gate)
 
 
