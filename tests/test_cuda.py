@@ -97,3 +97,238 @@ def test_opcheck_cuda():
     args = (x, p["w1"], p["w2"], p["b1"], p["b2"], None, torch.tensor([1, 2, 30], device=DEV), None, "gelu", True,
             False)
     torch.library.opcheck(torch.ops.sparse_ops.gated_ffn.default, args)
+
+
+# ---------------------------------------------------------------- masked_head_attention
+# csrc/cuda/heads_kernels.cu (forward) and heads_cuda.cpp (ATen backward) against the reference.
+from sparse_ops import reference as R  # noqa: E402
+
+D64 = torch.float64
+needs_heads = pytest.mark.skipif(not backend.has_kernel("masked_head_attention", "CUDA"),
+                                 reason="sparse_ops._C has no CUDA kernel for masked_head_attention")
+
+
+def mha_cuda(q, k, v, hm, **kw):
+    return sparse_ops.masked_head_attention(q, k, v, hm, backend="cuda", **kw)
+
+
+def mha_qkv(B, H, Tq, Tk, D, dtype=D64, layout="bhtd", seed=0, grad=True):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for T in (Tq, Tk, Tk):
+        if layout == "bthd":  # the layout a fused QKV projection gives
+            t = torch.randn(B, T, H, D, generator=g, dtype=D64).to(dtype).to(DEV).transpose(1, 2)
+        else:
+            t = torch.randn(B, H, T, D, generator=g, dtype=D64).to(dtype).to(DEV)
+        out.append(t.detach().requires_grad_(grad))
+    return out
+
+
+def mha_head_masks(B, H, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    on = torch.rand(B, H, generator=g) > 0.5
+    on[0, 0] = True
+    on[-1, -1] = False
+    shared = torch.rand(H, generator=g) > 0.4
+    shared[0] = True
+    gate = torch.rand(B, H, generator=g, dtype=D64) + 0.1
+    single = torch.zeros(B, H, dtype=torch.bool)
+    single[B - 1, H // 2] = True
+    masks = {
+        "bool_BH": on,
+        "bool_H": shared,
+        "float_BH": gate * on,
+        "float_H": (torch.rand(H, generator=g, dtype=D64) + 0.1) * shared,
+        "float_BH_nonzero": gate,
+        "all_on": torch.ones(B, H, dtype=torch.bool),
+        "all_off": torch.zeros(B, H, dtype=torch.bool),
+        "single": single,
+    }
+    return {k: (m.to(dtype) if m.is_floating_point() else m).to(DEV) for k, m in masks.items()}
+
+
+def mha_attn_masks(B, H, Tq, Tk, dtype, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    pad = torch.ones(B, 1, 1, Tk, dtype=torch.bool)
+    for b in range(B):
+        pad[b, ..., Tk - (b % 3):] = False  # key padding, at least one key kept
+    full = torch.rand(B, H, Tq, Tk, generator=g) > 0.3
+    full[..., 0] = True
+    masks = {
+        "none": None,
+        "key_padding": pad,
+        "bool_full": full,
+        "float_TqTk": torch.randn(Tq, Tk, generator=g, dtype=D64).to(dtype),
+        "float_H11Tk": torch.randn(H, 1, Tk, generator=g, dtype=D64).to(dtype),
+    }
+    return {k: (m.to(DEV) if m is not None else None) for k, m in masks.items()}
+
+
+def mha_grads(out, ins, go):
+    return torch.autograd.grad(out, ins, go)
+
+
+@needs_heads
+@pytest.mark.parametrize("shape", [(3, 4, 7, 13, 5), (2, 3, 37, 20, 16), (2, 2, 5, 70, 33)])
+@pytest.mark.parametrize("mask_name", ["bool_BH", "bool_H", "float_BH", "float_H", "float_BH_nonzero",
+                                       "all_on", "all_off", "single"])
+@pytest.mark.parametrize("am_name", ["none", "key_padding", "bool_full", "float_TqTk", "float_H11Tk"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_mha_cuda_matches_reference(shape, mask_name, am_name, causal):
+    """float64: every head-mask form ([B, H] / [H], bool / float), every attention-mask form, causal,
+    Tq != Tk (both ways), several query blocks and key tiles; output and q/k/v/gate gradients."""
+    B, H, Tq, Tk, D = shape
+    q, k, v = mha_qkv(B, H, Tq, Tk, D)
+    hm = mha_head_masks(B, H, D64)[mask_name]
+    am = mha_attn_masks(B, H, Tq, Tk, D64)[am_name]
+    gated = hm.is_floating_point()
+    h1, h2 = hm.clone().requires_grad_(gated), hm.clone().requires_grad_(gated)
+    out = mha_cuda(q, k, v, h1, attn_mask=am, is_causal=causal)
+    ref = R.masked_head_attention(q, k, v, h2, attn_mask=am, is_causal=causal)
+    assert out.is_cuda and out.shape == ref.shape
+    torch.testing.assert_close(out, ref)
+    run = ((hm != 0) if gated else hm).expand(B, H)
+    assert (out.detach()[~run] == 0).all()
+    go = torch.randn_like(ref)
+    ins1 = [q, k, v] + ([h1] if gated else [])
+    ins2 = [q, k, v] + ([h2] if gated else [])
+    for a, b in zip(mha_grads(out, ins1, go), mha_grads(ref, ins2, go)):
+        torch.testing.assert_close(a, b)
+
+
+@needs_heads
+@pytest.mark.parametrize("D", [32, 64, 80, 128, 7, 256])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["bhtd", "bthd"])
+@pytest.mark.parametrize("TqTk", [(33, 45), (1, 300)])
+def test_mha_cuda_head_dims_and_dtypes(D, dtype, layout, TqTk):
+    """Low precision against a float64 reference: output and gradients (float gate, causal, padding)."""
+    B, H = 2, 3
+    Tq, Tk = TqTk
+    q, k, v = mha_qkv(B, H, Tq, Tk, D, dtype, layout=layout)
+    gate = torch.tensor([[0.5, 0.0, 1.5], [1.0, 0.25, 0.0]], dtype=dtype, device=DEV, requires_grad=True)
+    pad = torch.ones(B, 1, 1, Tk, dtype=torch.bool, device=DEV)
+    pad[1, ..., -3:] = False
+    causal = Tq > 1  # decode (Tq = 1): no causal bound, every one of the 300 keys counts
+    out = mha_cuda(q, k, v, gate, attn_mask=pad, is_causal=causal)
+    assert out.dtype == dtype
+    ins64 = [t.detach().double().requires_grad_() for t in (q, k, v, gate)]
+    ref = R.masked_head_attention(*ins64, attn_mask=pad, is_causal=causal)
+    tol = {torch.float32: 2e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}[dtype]
+
+    def close(a, b):
+        torch.testing.assert_close(a.double(), b, rtol=tol, atol=tol * max(1.0, b.abs().max().item()))
+
+    close(out, ref)
+    assert (out.detach()[gate.detach() == 0] == 0).all()
+    go = torch.randn(ref.shape, dtype=D64, device=DEV)
+    for a, b in zip(mha_grads(out, [q, k, v, gate], go.to(dtype)), mha_grads(ref, ins64, go)):
+        close(a, b)
+
+
+@needs_heads
+@pytest.mark.parametrize("dtype", [D64, torch.float32, torch.float16, torch.bfloat16])
+def test_mha_cuda_matches_cpu_op(dtype):
+    """Every returned tensor (out, pairs, out_c, lse) as the CPU op returns it, layouts included."""
+    B, H, Tq, Tk, D = 2, 3, 9, 12, 16
+    q, k, v = mha_qkv(B, H, Tq, Tk, D, dtype, layout="bthd", grad=False)
+    gate = torch.tensor([[0.5, 0.0, 1.5], [1.0, 0.25, 0.0]], dtype=dtype, device=DEV)
+    pad = torch.ones(B, 1, 1, Tk, dtype=torch.bool, device=DEV)
+    pad[0, ..., -4:] = False
+    op = torch.ops.sparse_ops.masked_head_attention
+    for hm in (gate, gate != 0):
+        gpu = op(q, k, v, hm, pad, True, 0.3, False)
+        cpu = op(q.cpu(), k.cpu(), v.cpu(), hm.cpu(), pad.cpu(), True, 0.3, False)
+        tol = 1e-5 if dtype in (D64, torch.float32) else 2e-2
+        for a, b in zip(gpu, cpu):
+            assert a.shape == b.shape and a.dtype == b.dtype, (a.shape, b.shape, a.dtype, b.dtype)
+            torch.testing.assert_close(a.cpu(), b, rtol=tol, atol=tol)
+        assert gpu[0].stride() == torch.empty_like(q).stride()
+        assert gpu[3].dtype == (dtype if dtype in (D64, torch.float32) else torch.float32)
+
+
+@needs_heads
+def test_mha_cuda_gradcheck():
+    B, H, Tq, Tk, D = 2, 3, 5, 6, 4
+    q, k, v = mha_qkv(B, H, Tq, Tk, D)
+    on = torch.tensor([[True, False, True], [False, True, True]], device=DEV)
+    pad = torch.ones(B, 1, 1, Tk, dtype=torch.bool, device=DEV)
+    pad[1, ..., -2:] = False
+    assert torch.autograd.gradcheck(lambda q, k, v: mha_cuda(q, k, v, on, attn_mask=pad), [q, k, v])
+    assert torch.autograd.gradcheck(lambda q, k, v: mha_cuda(q, k, v, on, is_causal=True), [q, k, v])
+    gate = (torch.rand(B, H, dtype=D64, device=DEV) + 0.5).requires_grad_()
+    assert torch.autograd.gradcheck(lambda q, k, v, g: mha_cuda(q, k, v, g), [q, k, v, gate])
+    shared = (torch.rand(H, dtype=D64, device=DEV) + 0.5).requires_grad_()
+    assert torch.autograd.gradcheck(lambda q, k, v, g: mha_cuda(q, k, v, g, is_causal=True), [q, k, v, shared])
+    gz = torch.tensor([[0.7, 0.0, 1.2], [0.0, 0.9, 0.4]], dtype=D64, device=DEV, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda q, k, v, g: mha_cuda(q, k, v, g, dense_grad=True), [q, k, v, gz])
+
+
+@needs_heads
+def test_mha_cuda_skipped_gate_gradient():
+    B, H, T, D = 2, 3, 5, 4
+    q, k, v = mha_qkv(B, H, T, T, D, grad=False)
+    gz = torch.tensor([[0.7, 0.0, 1.2], [0.0, 0.9, 0.4]], dtype=D64, device=DEV)
+    go = torch.randn(B, H, T, D, dtype=D64, device=DEV)
+    want = (go * torch.nn.functional.scaled_dot_product_attention(q, k, v)).sum((2, 3))
+    for dense in (False, True):
+        g = gz.clone().requires_grad_()
+        (mha_cuda(q, k, v, g, dense_grad=dense) * go).sum().backward()
+        torch.testing.assert_close(g.grad, want if dense else torch.where(gz != 0, want, torch.zeros((), device=DEV)))
+
+
+@needs_heads
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_mha_cuda_planted_nan(dtype):
+    """NaN planted in the q/k/v of pairs that are off reaches neither the output nor any gradient."""
+    B, H, T, D = 2, 3, 6, 64
+    q, k, v = mha_qkv(B, H, T, T, D, dtype, grad=False)
+    on = torch.tensor([[True, False, True], [False, True, False]], device=DEV)
+    for t in (q, k, v):
+        t[~on] = float("nan")
+    for hm in (on, on.to(dtype) * 0.5):
+        qq, kk, vv = (t.clone().requires_grad_() for t in (q, k, v))
+        g = hm.clone().requires_grad_(hm.is_floating_point())
+        out = mha_cuda(qq, kk, vv, g, is_causal=True)
+        assert torch.isfinite(out).all() and (out[~on] == 0).all()
+        out.float().sum().backward()
+        for t in (qq, kk, vv):
+            assert torch.isfinite(t.grad).all() and (t.grad[~on] == 0).all()
+        if g.requires_grad:
+            assert torch.isfinite(g.grad).all() and (g.grad[~on] == 0).all()
+
+
+@needs_heads
+def test_mha_cuda_fully_masked_row_and_empty():
+    B, H, Tq, Tk, D = 1, 2, 4, 5, 8
+    q, k, v = mha_qkv(B, H, Tq, Tk, D)
+    am = torch.ones(Tq, Tk, dtype=torch.bool, device=DEV)
+    am[2] = False  # query 2 sees no key: output 0, finite gradients
+    out = mha_cuda(q, k, v, torch.ones(H, dtype=torch.bool, device=DEV), attn_mask=am)
+    assert (out[:, :, 2] == 0).all() and torch.isfinite(out).all()
+    out.sum().backward()
+    assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
+    q, k, v = mha_qkv(0, 4, 7, 9, 8)
+    out = mha_cuda(q, k, v, torch.ones(0, 4, dtype=torch.bool, device=DEV))
+    assert out.shape == (0, 4, 7, 8)
+    out.sum().backward()
+    q, k, v = mha_qkv(2, 3, 0, 5, 8, grad=False)
+    assert mha_cuda(q, k, v, torch.ones(3, dtype=torch.bool, device=DEV)).shape == (2, 3, 0, 8)
+    q, k, v = mha_qkv(1, 1, 2, 2, 264, grad=False)
+    with pytest.raises(RuntimeError, match=r"head dim D must be at most 256"):
+        mha_cuda(q, k, v, torch.ones(1, dtype=torch.bool, device=DEV))
+
+
+@needs_heads
+def test_mha_cuda_opcheck():
+    B, H, Tq, Tk, D = 2, 3, 5, 7, 8
+    q, k, v = mha_qkv(B, H, Tq, Tk, D, torch.float32)
+    on = torch.tensor([[True, False, True], [False, True, True]], device=DEV)
+    gate = torch.tensor([[0.5, 0.0, 1.5], [1.0, 0.25, 0.0]], device=DEV, requires_grad=True)
+    pad = torch.ones(B, 1, 1, Tk, dtype=torch.bool, device=DEV)
+    pad[0, ..., -2:] = False
+    op = torch.ops.sparse_ops.masked_head_attention.default
+    for hm, am, causal, dg in ((on, None, False, False), (on, pad, True, False), (gate, None, False, False),
+                               (gate, pad, False, True), (torch.ones(H, dtype=torch.bool, device=DEV), None, True, False),
+                               (torch.zeros(B, H, dtype=torch.bool, device=DEV), None, False, False)):
+        torch.library.opcheck(op, (q, k, v, hm, am, causal, None, dg))
