@@ -2,6 +2,7 @@
 
 The wrapper checks the arguments, brings a float head_mask to q's dtype and calls, by backend:
   cpp / cuda -> torch.ops.sparse_ops.masked_head_attention  (csrc/cpu/heads_cpu.cpp)
+  triton     -> sparse_ops/triton_kernels/heads.py (masked_head_attention_triton)
   torch      -> sparse_ops.reference.masked_head_attention  (computes every pair)
 register_fake and register_autograd for the C++ op live here, beside the wrapper.
 """
@@ -54,6 +55,9 @@ def masked_head_attention(q, k, v, head_mask, *, attn_mask=None, is_causal=False
     if name == "torch":
         return _reference.masked_head_attention(q, k, v, head_mask, attn_mask=attn_mask, is_causal=is_causal,
                                                 scale=scale, dense_grad=dense_grad)
+    if name == "triton":
+        from ..triton_kernels import heads as _theads
+        return _theads.masked_head_attention(q, k, v, head_mask, attn_mask, is_causal, scale, dense_grad)
     return torch.ops.sparse_ops.masked_head_attention(q, k, v, head_mask, attn_mask, is_causal, scale,
                                                       dense_grad)[0]
 
