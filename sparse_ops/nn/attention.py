@@ -1,0 +1,467 @@
+"""SparseMultiheadAttention: nn.MultiheadAttention whose switched-off heads are never computed.
+
+A head owns D = embed_dim // num_heads rows of each of Wq, Wk, Wv (and of their biases) and D
+columns of Wo. A head that is off (for the whole batch, or for one sample) is not projected, not
+attended and not output-projected: its weight rows/columns are never read, and their gradients
+are exact zeros.
+
+Paths (chosen per call, see `forward`):
+  all heads on, no float gate   -> nn.MultiheadAttention.forward itself (no grouping at all)
+  shared head mask ([H], or     -> the active heads' rows of W_in and columns of Wo gathered once:
+  [B, H] with equal rows)          one GEMM per projection, SDPA on [B, K, L, D] (a float gate
+                                   without zeros: the full weights, nothing gathered)
+  per-sample head mask [B, H]   -> samples grouped by their number of active heads K; per group
+                                   batched GEMMs on the samples' own heads and SDPA on [n, K, L, D]
+                                   (the numbers behind this choice: _forward_sparse)
+  need_weights / add_bias_kv /  -> dense: every head computed, off heads selected away
+  add_zero_attn / dense_grad       (torch.where, so nothing of theirs reaches the output)
+
+Semantics with a head mask m (bool, or float where exactly 0 means off): the output of
+nn.MultiheadAttention computed with head h's attention output multiplied by m[b, h] before
+out_proj (Hugging Face head_mask style). A float gate gets the straight-through gradient of
+DESIGN.md: exact for heads that ran, 0 for heads that were skipped (exact too with
+dense_grad=True, which then computes every head densely).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..gates import HardConcrete, ste_threshold
+from ..ops.heads import masked_head_attention
+
+_GATES = ("none", "hard_concrete", "threshold")
+
+
+def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """nn.MultiheadAttention's mask convention -> additive float: bool True = NOT allowed (-inf)."""
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(mask, float("-inf"))
+    if not mask.is_floating_point():
+        raise TypeError(f"got a mask of dtype {mask.dtype}; only bool and floating masks are supported")
+    return mask.to(dtype)
+
+
+class SparseMultiheadAttention(nn.MultiheadAttention):
+    """Drop-in nn.MultiheadAttention (same constructor, parameters, state_dict, forward and outputs)
+    that skips attention heads a head mask or a gate turns off.
+
+    Extra constructor arguments (keyword-only):
+      gate: None / 'none' (only the per-call `head_mask`), 'hard_concrete' (learned L0 gates, one
+        per head, shared by the batch), 'threshold' (learned per-head scores through a
+        straight-through threshold at 0), or a callable (e.g. an nn.Module, registered as a
+        submodule) called as gate(query) with query batch-first [B, L, E] (or [L, E] unbatched)
+        that returns a per-sample [B, H] or shared [H] mask (bool, or float with exact zeros).
+      dense_grad: with a float mask that requires grad, also give skipped heads their exact
+        gate gradient (computes every head densely; not the fast path).
+
+    forward(query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
+            average_attn_weights=True, is_causal=False, head_mask=None) -> (output, weights)
+      head_mask: [B, H] per sample or [H] shared, bool or float; multiplied by the learned gate
+      when both are given. With need_weights=True the weights of heads that are off are zeros
+      (computed densely, as nn.MultiheadAttention's own weights path is; pass need_weights=False
+      for the fast path).
+    """
+
+    def __init__(self, embed_dim, num_heads, dropout=0.0, bias=True, add_bias_kv=False, add_zero_attn=False,
+                 kdim=None, vdim=None, batch_first=False, device=None, dtype=None, *,
+                 gate: str | Callable | None = None, dense_grad: bool = False):
+        super().__init__(embed_dim, num_heads, dropout=dropout, bias=bias, add_bias_kv=add_bias_kv,
+                         add_zero_attn=add_zero_attn, kdim=kdim, vdim=vdim, batch_first=batch_first,
+                         device=device, dtype=dtype)
+        if gate is None:
+            gate = "none"
+        if isinstance(gate, str):
+            if gate not in _GATES:
+                raise ValueError(f"SparseMultiheadAttention: gate must be one of {_GATES} or a callable; "
+                                 f"got {gate!r}")
+            self.gate_kind = gate
+            if gate == "hard_concrete":
+                self.gate = HardConcrete(num_heads)
+            elif gate == "threshold":
+                self.gate_scores = nn.Parameter(torch.ones(num_heads, device=device, dtype=dtype))
+        elif callable(gate):
+            self.gate_kind = "callable"
+            self.gate = gate  # an nn.Module is registered (its parameters train with this module)
+        else:
+            raise TypeError(f"SparseMultiheadAttention: gate must be a string or a callable; "
+                            f"got {type(gate).__name__}")
+        self.dense_grad = dense_grad
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_module(cls, mha: nn.MultiheadAttention, *, gate=None, dense_grad: bool = False
+                    ) -> "SparseMultiheadAttention":
+        """A SparseMultiheadAttention with the configuration and a copy of the weights of `mha`."""
+        if not isinstance(mha, nn.MultiheadAttention):
+            raise TypeError(f"SparseMultiheadAttention.from_module: expected an nn.MultiheadAttention; "
+                            f"got {type(mha).__name__}")
+        ref = mha.out_proj.weight
+        m = cls(mha.embed_dim, mha.num_heads, dropout=mha.dropout, bias=mha.out_proj.bias is not None,
+                add_bias_kv=mha.bias_k is not None, add_zero_attn=mha.add_zero_attn, kdim=mha.kdim,
+                vdim=mha.vdim, batch_first=mha.batch_first, device=ref.device, dtype=ref.dtype,
+                gate=gate, dense_grad=dense_grad)
+        # strict=False only for the gate's own parameters, which mha does not have.
+        missing, unexpected = m.load_state_dict(mha.state_dict(), strict=False)
+        own = set(mha.state_dict().keys())
+        bad = [k for k in missing if not (k.startswith("gate.") or k == "gate_scores")] + list(unexpected)
+        if bad or own - set(m.state_dict().keys()):
+            raise RuntimeError(f"SparseMultiheadAttention.from_module: state_dict mismatch: {bad}")
+        m.train(mha.training)
+        return m
+
+    def learned_gate(self, query: torch.Tensor) -> torch.Tensor | None:
+        if self.gate_kind == "hard_concrete":
+            return self.gate()
+        if self.gate_kind == "threshold":
+            return ste_threshold(self.gate_scores)
+        if self.gate_kind == "callable":
+            return self.gate(query)
+        return None
+
+    def extra_repr(self) -> str:
+        return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, dropout={self.dropout}, "
+                f"batch_first={self.batch_first}, gate={self.gate_kind!r}, dense_grad={self.dense_grad}")
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
+                average_attn_weights=True, is_causal=False, head_mask=None):
+        is_batched = query.dim() == 3
+        if query.dim() not in (2, 3):
+            raise ValueError(f"SparseMultiheadAttention: query must be 3-D (batched) or 2-D (unbatched); "
+                             f"got shape {tuple(query.shape)}")
+        if key.dim() != query.dim() or value.dim() != query.dim():
+            raise ValueError(f"SparseMultiheadAttention: query, key and value must have the same number of "
+                             f"dimensions; got {query.dim()}, {key.dim()}, {value.dim()}")
+        # Batch-first views, [B, L, E] / [B, S, E] (a batch of 1 for unbatched input).
+        if not is_batched:
+            q_in, k_in, v_in = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
+        elif self.batch_first:
+            q_in, k_in, v_in = query, key, value
+        else:
+            q_in, k_in, v_in = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
+        if key is value:
+            v_in = k_in
+        if query is key:
+            k_in = q_in
+            if key is value:
+                v_in = q_in
+        B, L, E = q_in.shape
+        S = k_in.shape[1]
+        if E != self.embed_dim:
+            raise ValueError(f"SparseMultiheadAttention: query's last dimension must be embed_dim="
+                             f"{self.embed_dim}; got {E}")
+        if k_in.shape[:2] != v_in.shape[:2] or k_in.shape[0] != B:
+            raise ValueError(f"SparseMultiheadAttention: key and value must share batch and sequence sizes "
+                             f"with the query's batch; got key {tuple(key.shape)}, value {tuple(value.shape)}")
+        if k_in.shape[-1] != self.kdim or v_in.shape[-1] != self.vdim:
+            raise ValueError(f"SparseMultiheadAttention: key/value last dimensions must be kdim={self.kdim}, "
+                             f"vdim={self.vdim}; got {k_in.shape[-1]}, {v_in.shape[-1]}")
+
+        m = self._head_mask(head_mask, q_in if is_batched else q_in[0], B, is_batched)
+        if m is None or (m.dtype == torch.bool and bool(m.all())):
+            # All heads on: exactly nn.MultiheadAttention (its own fast paths included).
+            return super().forward(query, key, value, key_padding_mask=key_padding_mask,
+                                   need_weights=need_weights, attn_mask=attn_mask,
+                                   average_attn_weights=average_attn_weights, is_causal=is_causal)
+
+        mask4, causal = self._attn_mask(key_padding_mask, attn_mask, is_causal, need_weights, B, L, S,
+                                        is_batched, q_in.dtype)
+        dropout_p = self.dropout if self.training else 0.0
+        gated = m.is_floating_point()
+        dense = (need_weights or self.bias_k is not None or self.add_zero_attn
+                 or (self.dense_grad and gated and m.requires_grad))
+        if dense:
+            out, w = self._forward_dense(q_in, k_in, v_in, m, mask4, causal, dropout_p, need_weights,
+                                         average_attn_weights)
+        else:
+            w = None
+            on = (m != 0) if gated else m
+            out = self._forward_sparse(q_in, k_in, v_in, m, on, mask4, causal, dropout_p)
+        if not is_batched:
+            return out[0], (None if w is None else w[0])
+        if not self.batch_first:
+            out = out.transpose(0, 1)
+        return out, w
+
+    # ------------------------------------------------------------------ argument handling
+    def _head_mask(self, head_mask, query_bf, B, is_batched):
+        H = self.num_heads
+        g = self.learned_gate(query_bf)
+        ms = []
+        for name, t in (("head_mask", head_mask), ("gate", g)):
+            if t is None:
+                continue
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"SparseMultiheadAttention: {name} must be a torch.Tensor or None; "
+                                f"got {type(t).__name__}")
+            if t.dtype != torch.bool and not t.is_floating_point():
+                raise TypeError(f"SparseMultiheadAttention: {name} must be bool or floating (exactly 0 = off); "
+                                f"got dtype {t.dtype}")
+            ok = ((H,), (B, H)) if is_batched else ((H,), (1, H))
+            if tuple(t.shape) not in ok:
+                raise ValueError(f"SparseMultiheadAttention: {name} must be [B, H] = {[B, H]} (per sample) or "
+                                 f"[H] = {[H]} (shared); got shape {tuple(t.shape)}")
+            if t.device != query_bf.device:
+                raise ValueError(f"SparseMultiheadAttention: {name} must be on {query_bf.device}; got {t.device}")
+            ms.append(t)
+        if not ms:
+            return None
+        if len(ms) == 2:
+            a, b = ms
+            if a.dtype == torch.bool and b.dtype == torch.bool:
+                m = a & b
+            else:
+                m = (a.to(query_bf.dtype) if a.dtype == torch.bool else a) * \
+                    (b.to(query_bf.dtype) if b.dtype == torch.bool else b)
+        else:
+            m = ms[0]
+        if m.is_floating_point() and m.dtype != query_bf.dtype:
+            m = m.to(query_bf.dtype)
+        if not is_batched and m.dim() == 2:
+            m = m[0]
+        return m
+
+    def _attn_mask(self, key_padding_mask, attn_mask, is_causal, need_weights, B, L, S, is_batched, dtype):
+        """Both masks as one additive float mask broadcastable to [B, H, L, S] (None if none), and
+        whether to pass is_causal to the attention (nn.MultiheadAttention's rule: is_causal is a
+        hint that attn_mask is causal, used instead of the mask only when there is no
+        key_padding_mask and no weights are asked for)."""
+        H = self.num_heads
+        if is_causal and attn_mask is None:
+            raise RuntimeError("SparseMultiheadAttention: is_causal=True needs attn_mask (the causal mask), "
+                               "as nn.MultiheadAttention does")
+        mask4 = None
+        if attn_mask is not None:
+            if not isinstance(attn_mask, torch.Tensor):
+                raise TypeError(f"SparseMultiheadAttention: attn_mask must be a tensor; got {type(attn_mask).__name__}")
+            if is_causal and key_padding_mask is None and not need_weights:
+                return None, True
+            if attn_mask.dim() == 2:
+                if tuple(attn_mask.shape) != (L, S):
+                    raise ValueError(f"SparseMultiheadAttention: 2-D attn_mask must be [L, S] = {[L, S]}; "
+                                     f"got {tuple(attn_mask.shape)}")
+                mask4 = attn_mask.view(1, 1, L, S)
+            elif attn_mask.dim() == 3:
+                want = (B * H, L, S) if is_batched else (H, L, S)
+                if tuple(attn_mask.shape) != want:
+                    raise ValueError(f"SparseMultiheadAttention: 3-D attn_mask must be {list(want)}; "
+                                     f"got {tuple(attn_mask.shape)}")
+                mask4 = attn_mask.view(B, H, L, S)
+            else:
+                raise ValueError(f"SparseMultiheadAttention: attn_mask must be 2-D or 3-D; got {attn_mask.dim()}-D")
+            try:
+                mask4 = _additive(mask4, dtype)
+            except TypeError as e:
+                raise TypeError(f"SparseMultiheadAttention: attn_mask: {e}") from None
+        if key_padding_mask is not None:
+            if not isinstance(key_padding_mask, torch.Tensor):
+                raise TypeError(f"SparseMultiheadAttention: key_padding_mask must be a tensor; "
+                                f"got {type(key_padding_mask).__name__}")
+            want = (B, S) if is_batched else (S,)
+            if tuple(key_padding_mask.shape) != want:
+                raise ValueError(f"SparseMultiheadAttention: key_padding_mask must be {list(want)}; "
+                                 f"got {tuple(key_padding_mask.shape)}")
+            try:
+                kpm = _additive(key_padding_mask, dtype).view(B, 1, 1, S)
+            except TypeError as e:
+                raise TypeError(f"SparseMultiheadAttention: key_padding_mask: {e}") from None
+            mask4 = kpm if mask4 is None else mask4 + kpm
+        return mask4, False
+
+    def _weights(self):
+        """(W(i, r), b(i, r)): the rows of projections i..i+r-1 (0 q, 1 k, 2 v) as one 2-D weight
+        [r*E, E_in] and its bias [r*E] (or None); views, never copies."""
+        E = self.embed_dim
+        bias = self.in_proj_bias
+        b = (lambda i, r: None) if bias is None else (lambda i, r: bias[i * E:(i + r) * E])
+        if self._qkv_same_embed_dim:
+            W = self.in_proj_weight
+            return (lambda i, r: W[i * E:(i + r) * E]), b
+        Ws = (self.q_proj_weight, self.k_proj_weight, self.v_proj_weight)
+        return (lambda i, r: Ws[i]), b
+
+    def _groups(self, q_in, k_in, v_in):
+        """[(input, first component, r)]: which projections run as one GEMM."""
+        if self._qkv_same_embed_dim:
+            if q_in is k_in and k_in is v_in:
+                return [(q_in, 0, 3)]
+            if k_in is v_in:
+                return [(q_in, 0, 1), (k_in, 1, 2)]
+        return [(q_in, 0, 1), (k_in, 1, 1), (v_in, 2, 1)]
+
+    # ------------------------------------------------------------------ sparse paths
+    def _forward_sparse(self, q_in, k_in, v_in, m, on, mask4, causal, dropout_p):
+        """Only the (sample, head) pairs that are on. A shared mask ([H], or [B, H] with equal rows)
+        is one group: the active heads' rows of W_in and columns of Wo are gathered once and every
+        projection is one GEMM over the batch. A per-sample mask groups the samples by their number
+        of active heads K: each group gathers its samples' heads' weights ([n, r*K*D, E]) and runs
+        one batched GEMM per projection, SDPA on [n, K, L, D] and one batched out-projection.
+
+        Measured at B=8, T=256, E=768, H=12, keep 0.5 per sample (fp32, 2 threads, a machine
+        shared with other jobs; interleaved medians of the in-projection alone): dense 104 ms; per
+        sample, one GEMM per run of consecutive heads reading the weights in place (~80 small
+        GEMMs) 390 ms; per sample, gathered weights and one GEMM each 143-375 ms; per-K groups,
+        gathered weights and one batched GEMM (this) 77 ms. On an idle machine all of them sat at
+        37-42 ms: what loses is the number of ops (each syncs both threads), which matters as soon
+        as the cores are shared. Grouping per head instead (MoE-style: gather the samples that use
+        head h, [n_h*T, E] @ [E, 3D] GEMMs, index_add of the outputs) ran at 0.16x of dense
+        nn.MultiheadAttention forward (0.28x forward+backward), for the same reason and because it
+        copies x once per head.
+        """
+        B = q_in.shape[0]
+        H = self.num_heads
+        gated = m.is_floating_point()
+        if m.dim() == 1 or bool((on == on[:1]).all()):
+            heads = [h for h, o in enumerate(on.reshape(-1, H)[0].tolist()) if o]
+            scale = None
+            if gated:
+                scale = m[..., heads]
+                scale = scale.view(1, -1, 1, 1) if scale.dim() == 1 else scale.view(B, -1, 1, 1)
+            return self._forward_group(q_in, k_in, v_in, None, heads, True, scale, mask4, causal, dropout_p)
+        rows = on.tolist()
+        by_k = {}
+        for b, row in enumerate(rows):
+            by_k.setdefault(sum(row), []).append(b)
+        outs, order = [], []
+        for K, samples in sorted(by_k.items()):
+            S = None if len(samples) == B else samples
+            heads = [[h for h, o in enumerate(rows[b]) if o] for b in samples]
+            scale = None
+            if gated and K > 0:
+                g = m if S is None else m[samples]
+                scale = g[on if S is None else on[samples]].view(len(samples), K, 1, 1)
+            outs.append(self._forward_group(q_in, k_in, v_in, S, heads, False, scale, mask4, causal, dropout_p))
+            order += samples
+        if len(outs) == 1:
+            return outs[0]
+        inv = torch.empty(B, dtype=torch.long)
+        inv[torch.tensor(order)] = torch.arange(B)
+        return torch.cat(outs).index_select(0, inv.to(q_in.device))
+
+    def _forward_group(self, q_in, k_in, v_in, S, heads, shared, scale, mask4, causal, dropout_p):
+        """Samples S (None: all) with their heads: `heads` one list of K heads for all (shared=True)
+        or one list of K heads per sample. Returns [n, L, E]."""
+        H, D, E = self.num_heads, self.head_dim, self.embed_dim
+        dev = q_in.device
+        n = q_in.shape[0] if S is None else len(S)
+        L = q_in.shape[1]
+        K = len(heads) if shared else len(heads[0])
+        bo = self.out_proj.bias
+        if K == 0 and not shared:
+            return bo.expand(n, L, E) if bo is not None else q_in.new_zeros(n, L, E)
+        S_t = None if S is None else torch.tensor(S, dtype=torch.long, device=dev)
+        every = shared and K == H  # every head on (a float gate without zeros): no gathering
+        flat = heads if shared else [h for hs in heads for h in hs]
+        W_in, b_in = self._weights()
+        comps = [None, None, None]
+        for x, i, r in self._groups(q_in, k_in, v_in):
+            W, bias = W_in(i, r), b_in(i, r)
+            Ein = W.shape[-1]
+            xs = x if S_t is None else x.index_select(0, S_t)
+            if every:
+                y = F.linear(xs, W, bias)
+            else:
+                if shared:
+                    idx = [c * H + h for c in range(r) for h in heads]
+                else:
+                    idx = [c * H + h for hs in heads for c in range(r) for h in hs]
+                idx = torch.tensor(idx, dtype=torch.long, device=dev)
+                Wg = W.view(r * H, D * Ein).index_select(0, idx)
+                bg = None if bias is None else bias.view(r * H, D).index_select(0, idx)
+                if shared:
+                    y = F.linear(xs, Wg.view(r * K * D, Ein), None if bg is None else bg.view(-1))
+                else:
+                    Wg = Wg.view(n, r * K * D, Ein).transpose(1, 2)
+                    y = torch.bmm(xs, Wg) if bg is None else torch.baddbmm(bg.view(n, 1, r * K * D), xs, Wg)
+            y = y.view(n, x.shape[1], r, K, D)
+            for j in range(r):
+                comps[i + j] = y[:, :, j].transpose(1, 2)  # [n, K, T, D]
+        q, k, v = comps
+        if K == 0:
+            # Nothing runs (shared, all off); the empty weight slices stay in the graph so that the
+            # parameters get zero gradients, not None.
+            o = q + (k.sum() + v.sum())
+        else:
+            am = mask4
+            if am is not None:
+                if am.shape[0] > 1 and S_t is not None:
+                    am = am.index_select(0, S_t)
+                if am.shape[1] > 1 and not every:
+                    if shared:
+                        am = am[:, heads]
+                    else:
+                        am = am.expand(n, H, *am.shape[2:])[torch.arange(n, device=dev)[:, None],
+                                                            torch.tensor(heads, device=dev)]
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=am, dropout_p=dropout_p, is_causal=causal)
+        if scale is not None:
+            o = o * scale
+        o = o.transpose(1, 2).reshape(n, L, K * D)
+        Wo = self.out_proj.weight
+        if every:
+            return F.linear(o, Wo, bo)
+        Wog = Wo.view(E, H, D).index_select(1, torch.tensor(flat, dtype=torch.long, device=dev))  # [E, n*K, D]
+        if shared:
+            return F.linear(o, Wog.reshape(E, K * D), bo)
+        Wog = Wog.view(E, n, K * D).permute(1, 2, 0)  # [n, K*D, E]
+        return torch.bmm(o, Wog) if bo is None else torch.baddbmm(bo.view(1, 1, E), o, Wog)
+
+    # ------------------------------------------------------------------ dense (weights, bias_kv, zero_attn)
+    def _forward_dense(self, q_in, k_in, v_in, m, mask4, causal, dropout_p, need_weights, average):
+        """Every head computed (not the fast path), as F.multi_head_attention_forward does, then the
+        heads that are off selected away before out_proj (torch.where: nothing of theirs, not even a
+        NaN, reaches the output). Used for need_weights=True, add_bias_kv, add_zero_attn and
+        dense_grad. Returned weights of heads that are off are zeros."""
+        H, D, E = self.num_heads, self.head_dim, self.embed_dim
+        B, L, _ = q_in.shape
+        W_in, b_in = self._weights()
+        comps = [None, None, None]
+        for x, i, r in self._groups(q_in, k_in, v_in):
+            y = F.linear(x, W_in(i, r), b_in(i, r))
+            y = y.view(B, x.shape[1], r, H, D)
+            for j in range(r):
+                comps[i + j] = y[:, :, j].transpose(1, 2)  # [B, H, T, D]
+        q, k, v = comps
+        if self.bias_k is not None:
+            k = torch.cat([k, self.bias_k.view(1, H, 1, D).expand(B, H, 1, D)], dim=2)
+            v = torch.cat([v, self.bias_v.view(1, H, 1, D).expand(B, H, 1, D)], dim=2)
+            mask4 = None if mask4 is None else F.pad(mask4, (0, 1))
+        if self.add_zero_attn:
+            k = torch.cat([k, k.new_zeros(B, H, 1, D)], dim=2)
+            v = torch.cat([v, v.new_zeros(B, H, 1, D)], dim=2)
+            mask4 = None if mask4 is None else F.pad(mask4, (0, 1))
+        gated = m.is_floating_point()
+        mb = m.view(-1, H, 1, 1) if m.dim() == 2 else m.view(1, H, 1, 1)
+        on = (mb != 0) if gated else mb
+        zero = torch.zeros((), dtype=q.dtype, device=q.device)
+        w = None
+        if need_weights:
+            s = (q * (1.0 / D) ** 0.5) @ k.transpose(-2, -1)
+            if mask4 is not None:
+                s = s + mask4
+            p = torch.softmax(s, dim=-1)
+            if dropout_p > 0.0:
+                p = F.dropout(p, p=dropout_p)
+            o = p @ v
+            w = torch.where(on, p * mb, zero) if gated else torch.where(on, p, zero)
+            if average:
+                w = w.mean(dim=1)
+            o = torch.where(on, o * mb, zero) if gated else torch.where(on, o, zero)
+        elif dropout_p == 0.0 and k.shape[2] > 0:
+            # masked_head_attention takes the attention mask in SDPA's form (bool True = attend, or
+            # additive float; ours is additive) and gives dense_grad's exact gate gradient.
+            o = masked_head_attention(q, k, v, m, attn_mask=mask4, is_causal=causal, dense_grad=self.dense_grad)
+        else:
+            if self.dense_grad and gated and m.requires_grad:
+                raise ValueError("SparseMultiheadAttention: dense_grad=True is not supported with dropout > 0 "
+                                 "in training (dropout)")
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask4, dropout_p=dropout_p, is_causal=causal)
+            o = torch.where(on, o * mb, zero) if gated else torch.where(on, o, zero)
+        out = F.linear(o.transpose(1, 2).reshape(B, L, E), self.out_proj.weight, self.out_proj.bias)
+        return out, w
+
+
+__all__ = ["SparseMultiheadAttention"]
