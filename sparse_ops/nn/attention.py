@@ -45,6 +45,74 @@ def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return mask.to(dtype)
 
 
+class _GatheredBmm(torch.autograd.Function):
+    """In-projection of n samples, each with its own R weight blocks: y[s] = x[s] @ Wg[s]^T + bg[s],
+    Wg[s] = the D-row blocks idx[s*R:(s+1)*R] of W (viewed [N, D, E_in]). Backward writes the weight
+    gradient blocks straight from one bmm into an index_add (autograd through index_select + a
+    transposed bmm operand would copy the [n, R*D, E_in] gradient once more to make it contiguous,
+    28 MB a step at B=8, keep 0.5). Blocks no sample uses get exact-zero gradients."""
+
+    @staticmethod
+    def forward(ctx, x, W, bias, idx, R, D):
+        n, Ein = x.shape[0], x.shape[-1]
+        Wg = W.view(-1, D * Ein).index_select(0, idx).view(n, R * D, Ein)
+        Wt = Wg.transpose(1, 2)
+        if bias is None:
+            y = torch.bmm(x, Wt)
+        else:
+            y = torch.baddbmm(bias.view(-1, D).index_select(0, idx).view(n, 1, R * D), x, Wt)
+        ctx.save_for_backward(x, Wg, idx)
+        ctx.meta = (W.shape, None if bias is None else bias.shape, D)
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, Wg, idx = ctx.saved_tensors
+        Wshape, bshape, D = ctx.meta
+        Ein = x.shape[-1]
+        gx = gW = gb = None
+        if ctx.needs_input_grad[0]:
+            gx = torch.bmm(gy, Wg)
+        if ctx.needs_input_grad[1]:
+            dWg = torch.bmm(gy.transpose(1, 2), x)  # [n, R*D, E_in], contiguous
+            gW = Wg.new_zeros(Wshape).view(-1, D * Ein).index_add_(0, idx, dWg.view(-1, D * Ein)).view(Wshape)
+        if bshape is not None and ctx.needs_input_grad[2]:
+            gb = gy.new_zeros(bshape).view(-1, D).index_add_(0, idx, gy.sum(1).reshape(-1, D)).view(bshape)
+        return gx, gW, gb, None, None, None
+
+
+class _GatheredBmmOut(torch.autograd.Function):
+    """Out-projection of n samples with K heads each: out[s] = o[s] @ Wo[:, heads of s]^T + bo,
+    o [n, L, K*D], heads idx [n*K] (Wo viewed [E, H, D]). Columns no sample uses get exact-zero
+    gradients."""
+
+    @staticmethod
+    def forward(ctx, o, Wo, bo, idx, K, D):
+        n, E = o.shape[0], Wo.shape[0]
+        Wg = Wo.view(E, -1, D).index_select(1, idx)  # [E, n*K, D]
+        Wt = Wg.view(E, n, K * D).permute(1, 2, 0)  # [n, K*D, E]
+        y = torch.bmm(o, Wt) if bo is None else torch.baddbmm(bo.view(1, 1, E), o, Wt)
+        ctx.save_for_backward(o, Wg, idx)
+        ctx.meta = (Wo.shape, bo is not None, K, D)
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        o, Wg, idx = ctx.saved_tensors
+        Wshape, has_bias, K, D = ctx.meta
+        n, E = o.shape[0], Wshape[0]
+        go = gW = gb = None
+        if ctx.needs_input_grad[0]:
+            go = torch.bmm(gy, Wg.view(E, n, K * D).permute(1, 0, 2))
+        if ctx.needs_input_grad[1]:
+            dWg = torch.bmm(gy.transpose(1, 2), o)  # [n, E, K*D]
+            gW = Wg.new_zeros(Wshape).view(E, -1, D).index_add_(
+                1, idx, dWg.permute(1, 0, 2).reshape(E, n * K, D)).view(Wshape)
+        if has_bias and ctx.needs_input_grad[2]:
+            gb = gy.sum((0, 1))
+        return go, gW, gb, None, None, None
+
+
 class SparseMultiheadAttention(nn.MultiheadAttention):
     """Drop-in nn.MultiheadAttention (same constructor, parameters, state_dict, forward and outputs)
     that skips attention heads a head mask or a gate turns off.
@@ -184,7 +252,7 @@ class SparseMultiheadAttention(nn.MultiheadAttention):
         if not is_batched:
             return out[0], (None if w is None else w[0])
         if not self.batch_first:
-            out = out.transpose(0, 1)
+            out = out.transpose(0, 1).contiguous()  # [L, B, E] laid out as nn.MultiheadAttention's
         return out, w
 
     # ------------------------------------------------------------------ argument handling
@@ -295,24 +363,21 @@ class SparseMultiheadAttention(nn.MultiheadAttention):
 
     # ------------------------------------------------------------------ sparse paths
     def _forward_sparse(self, q_in, k_in, v_in, m, on, mask4, causal, dropout_p):
-        """Only the (sample, head) pairs that are on. A shared mask ([H], or [B, H] with equal rows)
-        is one group: the active heads' rows of W_in and columns of Wo are gathered once and every
-        projection is one GEMM over the batch. A per-sample mask groups the samples by their number
-        of active heads K: each group gathers its samples' heads' weights ([n, r*K*D, E]) and runs
-        one batched GEMM per projection, SDPA on [n, K, L, D] and one batched out-projection.
+        """Only the (sample, head) pairs that are on.
 
-        Measured at B=8, T=256, E=768, H=12, keep 0.5 per sample (fp32, 2 threads, a machine
-        shared with other jobs; interleaved medians of the in-projection alone): dense 104 ms; per
-        sample, one GEMM per run of consecutive heads reading the weights in place (~80 small
-        GEMMs) 390 ms; per sample, gathered weights and one GEMM each 143-375 ms; per-K groups,
-        gathered weights and one batched GEMM (this) 77 ms. On an idle machine all of them sat at
-        37-42 ms: what loses is the number of ops (each syncs both threads), which matters as soon
-        as the cores are shared. Grouping per head instead (MoE-style: gather the samples that use
-        head h, [n_h*T, E] @ [E, 3D] GEMMs, index_add of the outputs) ran at 0.16x of dense
-        nn.MultiheadAttention forward (0.28x forward+backward), for the same reason and because it
-        copies x once per head.
+        Shared mask ([H], or [B, H] with equal rows): the active heads' rows of W_in and columns of
+        Wo are gathered once; each projection is one GEMM over the batch, SDPA runs on [B, K, L, D].
+        Per-sample mask [B, H]: samples are grouped by their number K of active heads. Every
+        running pair's weight rows (and Wo columns) are gathered by one index_select for the whole
+        batch, laid out group by group, sample by sample, and split per group (split's backward is
+        one cat, so the weight gradient is one index_add); x is permuted into group order once.
+        Group g (n samples) then runs one batched GEMM per projection ([n, T, E] @ [n, E, r*K*D]),
+        SDPA on [n, K, L, D] and one batched out-projection ([n, L, K*D] @ [n, K*D, E]).
+        A batch whose samples all have the same K (e.g. top-k gates) is a single group.
+
+        MEASURED_NOTES
         """
-        B = q_in.shape[0]
+        B, L = q_in.shape[:2]
         H = self.num_heads
         gated = m.is_floating_point()
         if m.dim() == 1 or bool((on == on[:1]).all()):
@@ -321,93 +386,110 @@ class SparseMultiheadAttention(nn.MultiheadAttention):
             if gated:
                 scale = m[..., heads]
                 scale = scale.view(1, -1, 1, 1) if scale.dim() == 1 else scale.view(B, -1, 1, 1)
-            return self._forward_group(q_in, k_in, v_in, None, heads, True, scale, mask4, causal, dropout_p)
+            return self._forward_shared(q_in, k_in, v_in, heads, scale, mask4, causal, dropout_p)
+        return self._forward_per_sample(q_in, k_in, v_in, m if gated else None, on, mask4, causal, dropout_p)
+
+    def _forward_per_sample(self, q_in, k_in, v_in, gate, on, mask4, causal, dropout_p):
+        H, D, E = self.num_heads, self.head_dim, self.embed_dim
+        B, L = q_in.shape[:2]
+        dev = q_in.device
         rows = on.tolist()
         by_k = {}
         for b, row in enumerate(rows):
             by_k.setdefault(sum(row), []).append(b)
-        outs, order = [], []
-        for K, samples in sorted(by_k.items()):
-            S = None if len(samples) == B else samples
-            heads = [[h for h, o in enumerate(rows[b]) if o] for b in samples]
-            scale = None
-            if gated and K > 0:
-                g = m if S is None else m[samples]
-                scale = g[on if S is None else on[samples]].view(len(samples), K, 1, 1)
-            outs.append(self._forward_group(q_in, k_in, v_in, S, heads, False, scale, mask4, causal, dropout_p))
-            order += samples
-        if len(outs) == 1:
+        ks = sorted(by_k)
+        sizes = [len(by_k[K]) for K in ks]
+        order = [b for K in ks for b in by_k[K]]
+        single = len(ks) == 1
+        order_t = None if single else torch.tensor(order, dtype=torch.long, device=dev)
+
+        def perm(t):  # rows of a [B, ...] tensor in group order
+            return t if single else t.index_select(0, order_t)
+
+        heads = [[h for h, o in enumerate(rows[b]) if o] for b in order]  # per sample, group order
+        starts = [sum(sizes[:g]) for g in range(len(ks))]
+        W_in, b_in = self._weights()
+        comps = [[None] * len(ks) for _ in range(3)]
+        for x, i, r in self._groups(q_in, k_in, v_in):
+            W, bias = W_in(i, r), b_in(i, r)
+            xs = perm(x).split(sizes) if not single else (x,)
+            for g, (n, K) in enumerate(zip(sizes, ks)):
+                if K == 0:
+                    continue
+                idx = torch.tensor([c * H + h for hs in heads[starts[g]:starts[g] + n] for c in range(r) for h in hs],
+                                   dtype=torch.long, device=dev)
+                y = _GatheredBmm.apply(xs[g], W, bias, idx, r * K, D)
+                for j, c in enumerate(y.view(n, x.shape[1], r, K, D).unbind(2)):
+                    comps[i + j][g] = c.transpose(1, 2)  # [n, K, T, D]
+        scales = None
+        if gate is not None:
+            scales = perm(gate)[perm(on)].split([n * K for n, K in zip(sizes, ks)])
+        ams = None
+        if mask4 is not None:
+            ams = (perm(mask4) if mask4.shape[0] > 1 else mask4.expand(B, *mask4.shape[1:])).split(sizes)
+        bo = self.out_proj.bias
+        outs = []
+        for g, (n, K) in enumerate(zip(sizes, ks)):
+            hs = heads[starts[g]:starts[g] + n]
+            if K == 0:
+                outs.append(bo.expand(n, L, E) if bo is not None else q_in.new_zeros(n, L, E))
+                continue
+            am = None
+            if ams is not None:
+                am = ams[g]
+                if am.shape[1] > 1:  # a per-head mask: each sample's own heads
+                    am = am[torch.arange(n, device=dev)[:, None], torch.tensor(hs, dtype=torch.long, device=dev)]
+            o = F.scaled_dot_product_attention(comps[0][g], comps[1][g], comps[2][g], attn_mask=am,
+                                               dropout_p=dropout_p, is_causal=causal)
+            if scales is not None:
+                o = o * scales[g].view(n, K, 1, 1)
+            o = o.transpose(1, 2).reshape(n, L, K * D)  # free: SDPA's output is laid out [n, L, K, D]
+            flat = torch.tensor([h for h_ in hs for h in h_], dtype=torch.long, device=dev)
+            outs.append(_GatheredBmmOut.apply(o, self.out_proj.weight, bo, flat, K, D))
+        if single:
             return outs[0]
         inv = torch.empty(B, dtype=torch.long)
         inv[torch.tensor(order)] = torch.arange(B)
-        return torch.cat(outs).index_select(0, inv.to(q_in.device))
+        return torch.cat(outs).index_select(0, inv.to(dev))
 
-    def _forward_group(self, q_in, k_in, v_in, S, heads, shared, scale, mask4, causal, dropout_p):
-        """Samples S (None: all) with their heads: `heads` one list of K heads for all (shared=True)
-        or one list of K heads per sample. Returns [n, L, E]."""
+    def _forward_shared(self, q_in, k_in, v_in, heads, scale, mask4, causal, dropout_p):
+        """The heads in `heads` (sorted) for every sample; scale: None, [1, K, 1, 1] or [B, K, 1, 1]."""
         H, D, E = self.num_heads, self.head_dim, self.embed_dim
         dev = q_in.device
-        n = q_in.shape[0] if S is None else len(S)
-        L = q_in.shape[1]
-        K = len(heads) if shared else len(heads[0])
-        bo = self.out_proj.bias
-        if K == 0 and not shared:
-            return bo.expand(n, L, E) if bo is not None else q_in.new_zeros(n, L, E)
-        S_t = None if S is None else torch.tensor(S, dtype=torch.long, device=dev)
-        every = shared and K == H  # every head on (a float gate without zeros): no gathering
-        flat = heads if shared else [h for hs in heads for h in hs]
+        B, L = q_in.shape[:2]
+        K = len(heads)
+        every = K == H  # every head on (a float gate without zeros): nothing to gather
+        h_t = torch.tensor(heads, dtype=torch.long, device=dev)
         W_in, b_in = self._weights()
         comps = [None, None, None]
         for x, i, r in self._groups(q_in, k_in, v_in):
             W, bias = W_in(i, r), b_in(i, r)
             Ein = W.shape[-1]
-            xs = x if S_t is None else x.index_select(0, S_t)
-            if every:
-                y = F.linear(xs, W, bias)
-            else:
-                if shared:
-                    idx = [c * H + h for c in range(r) for h in heads]
-                else:
-                    idx = [c * H + h for hs in heads for c in range(r) for h in hs]
-                idx = torch.tensor(idx, dtype=torch.long, device=dev)
-                Wg = W.view(r * H, D * Ein).index_select(0, idx)
-                bg = None if bias is None else bias.view(r * H, D).index_select(0, idx)
-                if shared:
-                    y = F.linear(xs, Wg.view(r * K * D, Ein), None if bg is None else bg.view(-1))
-                else:
-                    Wg = Wg.view(n, r * K * D, Ein).transpose(1, 2)
-                    y = torch.bmm(xs, Wg) if bg is None else torch.baddbmm(bg.view(n, 1, r * K * D), xs, Wg)
-            y = y.view(n, x.shape[1], r, K, D)
-            for j in range(r):
-                comps[i + j] = y[:, :, j].transpose(1, 2)  # [n, K, T, D]
+            if not every:
+                idx = torch.tensor([c * H + h for c in range(r) for h in heads], dtype=torch.long, device=dev)
+                W = W.view(r * H, D * Ein).index_select(0, idx).view(r * K * D, Ein)
+                bias = None if bias is None else bias.view(r * H, D).index_select(0, idx).view(-1)
+            y = F.linear(x, W, bias)
+            # unbind, not r selects: its backward is one stack, where each select's backward would
+            # zero-fill and copy a whole y-sized gradient.
+            comps[i:i + r] = [c.transpose(1, 2) for c in y.view(B, x.shape[1], r, K, D).unbind(2)]  # [B, K, T, D]
         q, k, v = comps
         if K == 0:
-            # Nothing runs (shared, all off); the empty weight slices stay in the graph so that the
-            # parameters get zero gradients, not None.
+            # Nothing runs; the empty weight slices stay in the graph so that the parameters get
+            # zero gradients, not None.
             o = q + (k.sum() + v.sum())
         else:
             am = mask4
-            if am is not None:
-                if am.shape[0] > 1 and S_t is not None:
-                    am = am.index_select(0, S_t)
-                if am.shape[1] > 1 and not every:
-                    if shared:
-                        am = am[:, heads]
-                    else:
-                        am = am.expand(n, H, *am.shape[2:])[torch.arange(n, device=dev)[:, None],
-                                                            torch.tensor(heads, device=dev)]
+            if am is not None and am.shape[1] > 1 and not every:
+                am = am.index_select(1, h_t)
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=am, dropout_p=dropout_p, is_causal=causal)
         if scale is not None:
             o = o * scale
-        o = o.transpose(1, 2).reshape(n, L, K * D)
+        o = o.transpose(1, 2).reshape(B, L, K * D)
         Wo = self.out_proj.weight
-        if every:
-            return F.linear(o, Wo, bo)
-        Wog = Wo.view(E, H, D).index_select(1, torch.tensor(flat, dtype=torch.long, device=dev))  # [E, n*K, D]
-        if shared:
-            return F.linear(o, Wog.reshape(E, K * D), bo)
-        Wog = Wog.view(E, n, K * D).permute(1, 2, 0)  # [n, K*D, E]
-        return torch.bmm(o, Wog) if bo is None else torch.baddbmm(bo.view(1, 1, E), o, Wog)
+        if not every:
+            Wo = Wo.view(E, H, D).index_select(1, h_t).reshape(E, K * D)
+        return F.linear(o, Wo, self.out_proj.bias)
 
     # ------------------------------------------------------------------ dense (weights, bias_kv, zero_attn)
     def _forward_dense(self, q_in, k_in, v_in, m, mask4, causal, dropout_p, need_weights, average):
