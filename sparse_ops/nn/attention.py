@@ -389,7 +389,6 @@ class SparseMultiheadAttention(nn.MultiheadAttention):
             small GEMMs per call) lost on a loaded machine: the number of ops, each of which
             synchronises both threads, mattered more than the 37 MB of weight copies saved.
         """
-        """
         B, L = q_in.shape[:2]
         H = self.num_heads
         gated = m.is_floating_point()
