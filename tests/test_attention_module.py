@@ -339,6 +339,19 @@ def test_nan_in_off_head_does_not_leak(mask):
     assert (smha.out_proj.weight.grad.view(E, H, D)[:, h] == 0).all()
 
 
+def test_empty_batch_and_half_types():
+    mha, smha = make(batch_first=True)
+    x = torch.randn(0, S, E)
+    for m in (torch.zeros(0, H), torch.ones(0, H, dtype=torch.bool), masks()["bool_H"]):
+        assert smha(x, x, x, need_weights=False, head_mask=m)[0].shape == (0, S, E)
+    q, _, _ = inputs(True)
+    smha16 = SparseMultiheadAttention.from_module(mha).to(torch.bfloat16)
+    for m in (masks()["bool_BH"], masks()["float_H"]):
+        out = smha16(q.bfloat16(), q.bfloat16(), q.bfloat16(), need_weights=False, head_mask=m)[0]
+        assert out.dtype == torch.bfloat16
+        torch.testing.assert_close(out.float(), reference(mha, q, q, q, m), rtol=0.05, atol=0.05)
+
+
 def test_all_off_gives_bias_and_zero_grads_not_none():
     mha, smha = make(batch_first=True)
     q, _, _ = inputs(True)

@@ -393,11 +393,12 @@ class SparseMultiheadAttention(nn.MultiheadAttention):
         H = self.num_heads
         gated = m.is_floating_point()
         if m.dim() == 1 or bool((on == on[:1]).all()):
-            heads = [h for h, o in enumerate(on.reshape(-1, H)[0].tolist()) if o]
+            row = on.reshape(-1, H)[0].tolist() if on.numel() else [False] * H  # (an empty batch runs nothing)
+            heads = [h for h, o in enumerate(row) if o]
             scale = None
             if gated:
                 scale = m[..., heads]
-                scale = scale.view(1, -1, 1, 1) if scale.dim() == 1 else scale.view(B, -1, 1, 1)
+                scale = scale.view(1, len(heads), 1, 1) if scale.dim() == 1 else scale.view(B, len(heads), 1, 1)
             return self._forward_shared(q_in, k_in, v_in, heads, scale, mask4, causal, dropout_p)
         return self._forward_per_sample(q_in, k_in, v_in, m if gated else None, on, mask4, causal, dropout_p)
 
