@@ -48,72 +48,108 @@ def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return mask.to(dtype)
 
 
-class _GatheredBmm(torch.autograd.Function):
-    """In-projection of n samples, each with its own R weight blocks: y[s] = x[s] @ Wg[s]^T + bg[s],
-    Wg[s] = the D-row blocks idx[s*R:(s+1)*R] of W (viewed [N, D, E_in]). Backward writes the weight
-    gradient blocks straight from one bmm into an index_add (autograd through index_select + a
-    transposed bmm operand would copy the [n, R*D, E_in] gradient once more to make it contiguous,
-    28 MB a step at B=8, keep 0.5). Blocks no sample uses get exact-zero gradients."""
+class _GroupedInProj(torch.autograd.Function):
+    """In-projection of groups of samples, each sample with its own R weight blocks:
+    y_g = x[S_g] @ Wg^T + bg with Wg [n, R*D, E_in] the D-row blocks idx_g of W (viewed [N, D, E_in]),
+    one batched GEMM per group. plan: [(S_g or None for all samples, n, R, idx_g)].
+
+    One Function for every group, so that backward has one weight-gradient buffer: each group's
+    blocks come straight from one bmm into an index_add. (Autograd through index_select and a
+    bmm on the transposed gathered weight copied that [n, R*D, E_in] gradient once more, 28 MB a
+    step at B=8, keep 0.5, and a Function per group zero-filled and summed a full-size gradient
+    per group: ~20 ms of ~190 at 5 groups.) Blocks no sample uses get exact-zero gradients."""
 
     @staticmethod
-    def forward(ctx, x, W, bias, idx, R, D):
-        n, Ein = x.shape[0], x.shape[-1]
-        Wg = W.view(-1, D * Ein).index_select(0, idx).view(n, R * D, Ein)
-        Wt = Wg.transpose(1, 2)
-        if bias is None:
-            y = torch.bmm(x, Wt)
-        else:
-            y = torch.baddbmm(bias.view(-1, D).index_select(0, idx).view(n, 1, R * D), x, Wt)
-        ctx.save_for_backward(x, Wg, idx)
-        ctx.meta = (W.shape, None if bias is None else bias.shape, D)
-        return y
-
-    @staticmethod
-    def backward(ctx, gy):
-        x, Wg, idx = ctx.saved_tensors
-        Wshape, bshape, D = ctx.meta
+    def forward(ctx, x, W, bias, plan, D):
         Ein = x.shape[-1]
-        gx = gW = gb = None
-        if ctx.needs_input_grad[0]:
-            gx = torch.bmm(gy, Wg)
-        if ctx.needs_input_grad[1]:
-            dWg = torch.bmm(gy.transpose(1, 2), x)  # [n, R*D, E_in], contiguous
-            gW = Wg.new_zeros(Wshape).view(-1, D * Ein).index_add_(0, idx, dWg.view(-1, D * Ein)).view(Wshape)
-        if bshape is not None and ctx.needs_input_grad[2]:
-            gb = gy.new_zeros(bshape).view(-1, D).index_add_(0, idx, gy.sum(1).reshape(-1, D)).view(bshape)
-        return gx, gW, gb, None, None, None
-
-
-class _GatheredBmmOut(torch.autograd.Function):
-    """Out-projection of n samples with K heads each: out[s] = o[s] @ Wo[:, heads of s]^T + bo,
-    o [n, L, K*D], heads idx [n*K] (Wo viewed [E, H, D]). Columns no sample uses get exact-zero
-    gradients."""
-
-    @staticmethod
-    def forward(ctx, o, Wo, bo, idx, K, D):
-        n, E = o.shape[0], Wo.shape[0]
-        Wg = Wo.view(E, -1, D).index_select(1, idx)  # [E, n*K, D]
-        Wt = Wg.view(E, n, K * D).permute(1, 2, 0)  # [n, K*D, E]
-        y = torch.bmm(o, Wt) if bo is None else torch.baddbmm(bo.view(1, 1, E), o, Wt)
-        ctx.save_for_backward(o, Wg, idx)
-        ctx.meta = (Wo.shape, bo is not None, K, D)
-        return y
+        W2 = W.view(-1, D * Ein)
+        ys, saved = [], []
+        for S_t, n, R, idx in plan:
+            xs = x if S_t is None else x.index_select(0, S_t)
+            Wg = W2.index_select(0, idx).view(n, R * D, Ein)
+            Wt = Wg.transpose(1, 2)
+            if bias is None:
+                ys.append(torch.bmm(xs, Wt))
+            else:
+                ys.append(torch.baddbmm(bias.view(-1, D).index_select(0, idx).view(n, 1, R * D), xs, Wt))
+            saved += [xs, Wg]
+        ctx.save_for_backward(*saved)
+        ctx.plan, ctx.meta = plan, (x.shape, W.shape, None if bias is None else bias.shape, D)
+        return tuple(ys)
 
     @staticmethod
-    def backward(ctx, gy):
-        o, Wg, idx = ctx.saved_tensors
-        Wshape, has_bias, K, D = ctx.meta
-        n, E = o.shape[0], Wshape[0]
-        go = gW = gb = None
-        if ctx.needs_input_grad[0]:
-            go = torch.bmm(gy, Wg.view(E, n, K * D).permute(1, 0, 2))
-        if ctx.needs_input_grad[1]:
-            dWg = torch.bmm(gy.transpose(1, 2), o)  # [n, E, K*D]
-            gW = Wg.new_zeros(Wshape).view(E, -1, D).index_add_(
-                1, idx, dWg.permute(1, 0, 2).reshape(E, n * K, D)).view(Wshape)
-        if has_bias and ctx.needs_input_grad[2]:
-            gb = gy.sum((0, 1))
-        return go, gW, gb, None, None, None
+    def backward(ctx, *gys):
+        saved = ctx.saved_tensors
+        xshape, Wshape, bshape, D = ctx.meta
+        Ein = xshape[-1]
+        need_x, need_W, need_b = ctx.needs_input_grad[:3]
+        need_b = need_b and bshape is not None
+        gx = saved[1].new_zeros(xshape) if need_x else None
+        gW = saved[1].new_zeros(Wshape) if need_W else None
+        gb = saved[1].new_zeros(bshape) if need_b else None
+        for g, ((S_t, n, R, idx), gy) in enumerate(zip(ctx.plan, gys)):
+            xs, Wg = saved[2 * g], saved[2 * g + 1]
+            if need_x:
+                dx = torch.bmm(gy, Wg)
+                if S_t is None:
+                    gx = dx
+                else:
+                    gx.index_copy_(0, S_t, dx)  # every sample is in one group at most
+            if need_W:
+                gW.view(-1, D * Ein).index_add_(0, idx, torch.bmm(gy.transpose(1, 2), xs).view(-1, D * Ein))
+            if need_b:
+                gb.view(-1, D).index_add_(0, idx, gy.sum(1).reshape(-1, D))
+        return gx, gW, gb, None, None
+
+
+class _GroupedOutProj(torch.autograd.Function):
+    """Out-projection of groups of samples with K heads each: out[S_g] = o_g @ Wo[:, heads]^T + bo,
+    o_g [n, L, K*D], heads idx_g [n*K] (Wo viewed [E, H, D]); samples in no group get bo (or 0).
+    plan: [(S_g or None, n, K, idx_g)]. Columns no sample uses get exact-zero gradients."""
+
+    @staticmethod
+    def forward(ctx, Wo, bo, plan, B, L, D, *os):
+        E = Wo.shape[0]
+        out = None
+        if not (len(plan) == 1 and plan[0][0] is None):
+            out = Wo.new_empty(B, L, E)
+            if bo is None:
+                out.zero_()
+            else:
+                out.copy_(bo.expand(B, L, E))
+        Wgs = []
+        for (S_t, n, K, idx), o in zip(plan, os):
+            Wg = Wo.view(E, -1, D).index_select(1, idx)  # [E, n*K, D]
+            Wt = Wg.view(E, n, K * D).permute(1, 2, 0)  # [n, K*D, E]
+            y = torch.bmm(o, Wt) if bo is None else torch.baddbmm(bo.view(1, 1, E), o, Wt)
+            if S_t is None:
+                out = y
+            else:
+                out.index_copy_(0, S_t, y)
+            Wgs.append(Wg)
+        ctx.save_for_backward(*os, *Wgs)
+        ctx.plan, ctx.meta = plan, (Wo.shape, bo is not None, D)
+        return out
+
+    @staticmethod
+    def backward(ctx, gout):
+        saved = ctx.saved_tensors
+        plan = ctx.plan
+        Wshape, has_bias, D = ctx.meta
+        E = Wshape[0]
+        os, Wgs = saved[:len(plan)], saved[len(plan):]
+        need_W, need_b = ctx.needs_input_grad[:2]
+        need_o = ctx.needs_input_grad[6:]
+        gW = Wgs[0].new_zeros(Wshape) if need_W else None
+        gos = []
+        for (S_t, n, K, idx), o, Wg, no in zip(plan, os, Wgs, need_o):
+            gy = gout if S_t is None else gout.index_select(0, S_t)
+            gos.append(torch.bmm(gy, Wg.view(E, n, K * D).permute(1, 0, 2)) if no else None)
+            if need_W:
+                dWg = torch.bmm(gy.transpose(1, 2), o)  # [n, E, K*D]
+                gW.view(E, -1, D).index_add_(1, idx, dWg.permute(1, 0, 2).reshape(E, n * K, D))
+        gb = gout.sum((0, 1)) if (need_b and has_bias) else None
+        return (gW, gb, None, None, None, None, *gos)
 
 
 class SparseMultiheadAttention(nn.MultiheadAttention):
@@ -389,12 +425,12 @@ class SparseMultiheadAttention(nn.MultiheadAttention):
 
         Shared mask ([H], or [B, H] with equal rows): the active heads' rows of W_in and columns of
         Wo are gathered once; each projection is one GEMM over the batch, SDPA runs on [B, K, L, D].
-        Per-sample mask [B, H]: samples are grouped by their number K of active heads (x permuted
-        into group order once when there are several groups; a batch whose samples all have the
-        same K, e.g. top-k gates, is one group and nothing is permuted). Group g (n samples) gathers
-        its samples' heads' weight rows / Wo columns and runs one batched GEMM per projection
-        ([n, T, E] @ [n, E, r*K*D], _GatheredBmm), SDPA on [n, K, L, D] and one batched
-        out-projection ([n, L, K*D] @ [n, K*D, E], _GatheredBmmOut).
+        Per-sample mask [B, H]: samples are grouped by their number K of active heads (a batch
+        whose samples all have the same K, e.g. top-k gates, is one group). Group g (n samples)
+        gathers its samples' rows of x and their heads' weight rows / Wo columns, and runs one
+        batched GEMM per projection
+        ([n, T, E] @ [n, E, r*K*D], _GroupedInProj), SDPA on [n, K, L, D] and one batched
+        out-projection ([n, L, K*D] @ [n, K*D, E], _GroupedOutProj).
 
         Measured (B=8, T=256, E=768, H=12, fp32, torch.set_num_threads(2) on the shared 2-core
         CPU; forward in eval under inference_mode, where nn.MultiheadAttention takes its native
@@ -405,7 +441,7 @@ class SparseMultiheadAttention(nn.MultiheadAttention):
             [n_h, T, E] @ [E, 3D] GEMMs, SDPA on [n_h, 1, T, D], index_add of each head's
             out-projection into the output) fwd 1.46x, fwd+bwd 1.34x: N=3D=192 GEMMs, a copy of x
             per head and an index_add of a [n_h, T, E] output per head. Kept: per sample.
-          Before _GatheredBmm, autograd through index_select + bmm on the transposed weight copied
+          Before _GroupedInProj, autograd through index_select + bmm on the transposed weight copied
             the weight gradient again and split/cat'ed it per group: fwd+bwd 1.58x.
           One GEMM per run of consecutive heads reading the weights in place (no gathers, ~80
             small GEMMs per call) lost on a loaded machine: the number of ops, each of which
@@ -432,60 +468,41 @@ class SparseMultiheadAttention(nn.MultiheadAttention):
         by_k = {}
         for b, row in enumerate(rows):
             by_k.setdefault(sum(row), []).append(b)
-        ks = sorted(by_k)
-        sizes = [len(by_k[K]) for K in ks]
-        order = [b for K in ks for b in by_k[K]]
-        single = len(ks) == 1
-        order_t = None if single else torch.tensor(order, dtype=torch.long, device=dev)
-
-        def perm(t):  # rows of a [B, ...] tensor in group order
-            return t if single else t.index_select(0, order_t)
-
-        heads = [[h for h, o in enumerate(rows[b]) if o] for b in order]  # per sample, group order
-        starts = [sum(sizes[:g]) for g in range(len(ks))]
+        groups = []  # (S_t or None, samples, K, heads per sample) for the groups that run something
+        for K in sorted(by_k):
+            samples = by_k[K]
+            if K > 0:
+                S_t = None if len(samples) == B else torch.tensor(samples, dtype=torch.long, device=dev)
+                groups.append((S_t, samples, K, [[h for h, o in enumerate(rows[b]) if o] for b in samples]))
         W_in, b_in = self._weights()
-        comps = [[None] * len(ks) for _ in range(3)]
+        comps = [[None] * len(groups) for _ in range(3)]
         for x, i, r in self._groups(q_in, k_in, v_in):
-            W, bias = W_in(i, r), b_in(i, r)
-            xs = perm(x).split(sizes) if not single else (x,)
-            for g, (n, K) in enumerate(zip(sizes, ks)):
-                if K == 0:
-                    continue
-                idx = torch.tensor([c * H + h for hs in heads[starts[g]:starts[g] + n] for c in range(r) for h in hs],
-                                   dtype=torch.long, device=dev)
-                y = _GatheredBmm.apply(xs[g], W, bias, idx, r * K, D)
-                for j, c in enumerate(y.view(n, x.shape[1], r, K, D).unbind(2)):
+            plan = [(S_t, len(smp), r * K,
+                     torch.tensor([c * H + h for hs in heads for c in range(r) for h in hs], dtype=torch.long,
+                                  device=dev))
+                    for S_t, smp, K, heads in groups]
+            ys = _GroupedInProj.apply(x, W_in(i, r), b_in(i, r), plan, D)
+            for g, ((_, smp, K, _), y) in enumerate(zip(groups, ys)):
+                for j, c in enumerate(y.view(len(smp), x.shape[1], r, K, D).unbind(2)):
                     comps[i + j][g] = c.transpose(1, 2)  # [n, K, T, D]
-        scales = None
-        if gate is not None:
-            scales = perm(gate)[perm(on)].split([n * K for n, K in zip(sizes, ks)])
-        ams = None
-        if mask4 is not None:
-            ams = (perm(mask4) if mask4.shape[0] > 1 else mask4.expand(B, *mask4.shape[1:])).split(sizes)
-        bo = self.out_proj.bias
-        outs = []
-        for g, (n, K) in enumerate(zip(sizes, ks)):
-            hs = heads[starts[g]:starts[g] + n]
-            if K == 0:
-                outs.append(bo.expand(n, L, E) if bo is not None else q_in.new_zeros(n, L, E))
-                continue
-            am = None
-            if ams is not None:
-                am = ams[g]
+        os, plan = [], []
+        for g, (S_t, smp, K, heads) in enumerate(groups):
+            n = len(smp)
+            am = mask4
+            if am is not None:
+                if am.shape[0] > 1 and S_t is not None:
+                    am = am.index_select(0, S_t)
                 if am.shape[1] > 1:  # a per-head mask: each sample's own heads
-                    am = am[torch.arange(n, device=dev)[:, None], torch.tensor(hs, dtype=torch.long, device=dev)]
+                    am = am.expand(n, *am.shape[1:])[torch.arange(n, device=dev)[:, None],
+                                                     torch.tensor(heads, dtype=torch.long, device=dev)]
             o = F.scaled_dot_product_attention(comps[0][g], comps[1][g], comps[2][g], attn_mask=am,
                                                dropout_p=dropout_p, is_causal=causal)
-            if scales is not None:
-                o = o * scales[g].view(n, K, 1, 1)
-            o = o.transpose(1, 2).reshape(n, L, K * D)  # free: SDPA's output is laid out [n, L, K, D]
-            flat = torch.tensor([h for h_ in hs for h in h_], dtype=torch.long, device=dev)
-            outs.append(_GatheredBmmOut.apply(o, self.out_proj.weight, bo, flat, K, D))
-        if single:
-            return outs[0]
-        inv = torch.empty(B, dtype=torch.long)
-        inv[torch.tensor(order)] = torch.arange(B)
-        return torch.cat(outs).index_select(0, inv.to(dev))
+            if gate is not None:
+                gs, ons = (gate, on) if S_t is None else (gate.index_select(0, S_t), on.index_select(0, S_t))
+                o = o * gs[ons].view(n, K, 1, 1)  # row-major: the order of `heads`
+            os.append(o.transpose(1, 2).reshape(n, L, K * D))  # free: SDPA's output is laid out [n, L, K, D]
+            plan.append((S_t, n, K, torch.tensor([h for hs in heads for h in hs], dtype=torch.long, device=dev)))
+        return _GroupedOutProj.apply(self.out_proj.weight, self.out_proj.bias, plan, B, L, D, *os)
 
     def _forward_shared(self, q_in, k_in, v_in, heads, scale, mask4, causal, dropout_p):
         """The heads in `heads` (sorted) for every sample; scale: None, [1, K, 1, 1] or [B, K, 1, 1]."""
