@@ -122,6 +122,8 @@ struct DecodeArgs {
 // prefetcht2). Measured with weights streamed from DRAM (4 weight sets cycled, N=4, keep 0.5):
 // no prefetch 1.99x over dense, ahead 1 into L1 2.05x, ahead 2 into L2 2.96x, ahead 8 2.74x.
 // Into L1, the 96 line requests of a row pair overflow the L1 miss queue and are dropped.
+// At N=1 (per-row mask, keep 0.25 and 0.5) ahead 1, 2, 4, 6 and 8 measured the same within
+// the run-to-run noise (2.1x-2.6x at keep 0.25 in each), so one distance serves every N.
 constexpr int64_t kPrefetchAhead = 2;
 
 template <typename T>
@@ -266,7 +268,21 @@ std::tuple<Tensor, Tensor, Tensor> forward_decode(const Tensor& x, const Tensor&
 
   Tensor out;
   if (w2_transposed) {
-    out = nthreads == 1 ? acc[0] : acc.sum(0);
+    // Sum of the threads' accumulators and b2 in one pass (acc.sum(0) then add_(b2) were
+    // two more ATen calls on a path whose fixed cost is a visible share of a decode call).
+    out = at::empty({N, d}, x.options());
+    T* op = out.data_ptr<T>();
+    const Tensor b2c = b2 ? b2->contiguous() : Tensor();
+    const T* bp = b2 ? b2c.data_ptr<T>() : nullptr;
+    for (int64_t n = 0; n < N; ++n) {
+      T* o = op + n * d;
+      for (int64_t i = 0; i < d; ++i) o[i] = bp ? bp[i] : T(0);
+      for (int t = 0; t < nthreads; ++t) {
+        const T* a = acc_base + (t * N + n) * d;
+        for (int64_t i = 0; i < d; ++i) o[i] += a[i];
+      }
+    }
+    return {out, pre, up};
   } else {
     // nn.Linear layout [d, F]: an inactive column j is a stride-F column of w2. Only the
     // active entries of each row of w2 are read (gathered once per row into an L1 buffer,
