@@ -309,3 +309,25 @@ def test_torch_backend_matches_cpp():
     m = masks(6, 29)["per_row"]
     torch.testing.assert_close(call(sparse_ops.gated_ffn, x, p, m, w2t=True, backend="torch"),
                                call(sparse_ops.gated_ffn, x, p, m, w2t=True, backend="cpp"))
+
+
+@pytest.mark.parametrize("N", [1, 40])
+def test_no_grad_fast_path_equals_graph_path(N):
+    # With nothing to differentiate the wrapper skips the autograd layer: same result,
+    # no graph; with an input requiring grad (grad mode on) the graph is recorded.
+    x, p = make(N, grad=True, w2t=True)
+    m = masks(N, 29)["bool"]
+    ref = call(R.gated_ffn, x, p, m, w2t=True)
+    with torch.no_grad():
+        y = call(sparse_ops.gated_ffn, x, p, m, w2t=True)
+    assert y.grad_fn is None and not y.requires_grad
+    torch.testing.assert_close(y, ref.detach(), rtol=1e-10, atol=1e-10)
+    y2 = call(sparse_ops.gated_ffn, x, p, m, w2t=True)
+    assert y2.grad_fn is not None
+    y2.sum().backward()
+    assert x.grad is not None and p["w1"].grad is not None
+    xd = x.detach()
+    y3 = call(sparse_ops.gated_ffn, xd, {k: (v.detach() if v is not None else None) for k, v in p.items()},
+              m, w2t=True)
+    assert y3.grad_fn is None
+    torch.testing.assert_close(y3, ref.detach(), rtol=1e-10, atol=1e-10)
