@@ -41,7 +41,10 @@ def _extensions():
     opt = ["-O0", "-g"] if debug else ["-O3", "-g0"]
     # No -std and no Py_LIMITED_API here: torch's BuildExtension adds the standard its headers
     # need (C++17 for torch 2.13, C++20 for 2.14) and the limited-API define (py_limited_api).
-    cxx_flags = opt + ["-fopenmp"]
+    # -fno-math-errno -fno-trapping-math (as torch itself builds): lets GCC if-convert and
+    # vectorise loops with float compares and selects (the softmax exp in heads_cpu.cpp stayed
+    # scalar without them); NaN and inf results are unchanged.
+    cxx_flags = opt + ["-fopenmp", "-fno-math-errno", "-fno-trapping-math"]
     link_flags = ["-fopenmp"]
 
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) +

@@ -115,6 +115,51 @@ def test_head_dims_and_layouts(D, T, layout):
     check_close(mha(q, k, v, hm, scale=0.3), R.masked_head_attention(q, k, v, hm, scale=0.3), torch.float32)
 
 
+@pytest.mark.parametrize("Tq,Tk,causal,am_kind", [
+    (130, 1100, False, "bool"),    # 3 query blocks x 3 key blocks: online-softmax rescaling
+    (700, 1030, True, "float"),    # causal across key blocks, per-head additive mask
+    (70, 513, True, "pad_front"),  # rows fully masked by padding + causality (0 out, 0 grad)
+    (1, 600, False, "none"),       # decode: one query row
+])
+@pytest.mark.parametrize("layout", ["bhtd", "bthd"])
+def test_many_query_and_key_blocks(Tq, Tk, causal, am_kind, layout):
+    """The CPU forward tiles queries by 64 and keys by 512 (online softmax across key blocks)."""
+    B, H, D = 2, 3, 12
+    q, k, v = qkv(B, H, Tq, Tk, D, D64, layout=layout, grad=True)
+    hm = head_masks(B, H, D64)["float_BH"].requires_grad_()
+    g = torch.Generator().manual_seed(3)
+    am = None
+    if am_kind == "bool":
+        am = torch.rand(B, 1, Tq, Tk, generator=g) > 0.2
+        am[0, 0, 3] = False  # one fully masked query row
+    elif am_kind == "float":
+        am = torch.randn(1, H, 1, Tk, generator=g, dtype=D64)
+    elif am_kind == "pad_front":
+        am = torch.ones(B, 1, 1, Tk, dtype=torch.bool)
+        am[0, ..., :40] = False  # with causality, query rows < 40 of sample 0 see no key
+    out = mha(q, k, v, hm, attn_mask=am, is_causal=causal)
+    hm2 = hm.detach().clone().requires_grad_()
+    ref = R.masked_head_attention(q, k, v, hm2, attn_mask=am, is_causal=causal)
+    check_close(out, ref, D64)
+    go = torch.randn_like(ref)
+    for a, b in zip(torch.autograd.grad(out, [q, k, v, hm], go), torch.autograd.grad(ref, [q, k, v, hm2], go)):
+        check_close(a, b, D64)
+    q32, k32, v32 = (t.detach().float() for t in (q, k, v))
+    am32 = am.float() if am is not None and am.is_floating_point() else am
+    check_close(mha(q32, k32, v32, hm.detach().float(), attn_mask=am32, is_causal=causal),
+                ref.detach().float(), torch.float32)
+
+
+def test_strided_and_broadcast_inputs():
+    """k and v expanded over heads (stride 0) and a non-contiguous q are read correctly."""
+    B, H, T, D = 2, 4, 9, 6
+    q = torch.randn(B, H, T, 2 * D, dtype=D64)[..., ::2]  # unit stride lost on D
+    kv = torch.randn(B, 1, T, D, dtype=D64)
+    k, v = kv.expand(B, H, T, D), (kv * 2).expand(B, H, T, D)
+    hm = head_masks(B, H, D64)["bool_BH"]
+    check_close(mha(q, k, v, hm), R.masked_head_attention(q, k, v, hm), D64)
+
+
 def test_empty_batch_and_zero_queries():
     q, k, v = qkv(0, 4, 7, 9, 8, grad=True)
     out = mha(q, k, v, torch.ones(0, 4, dtype=torch.bool))

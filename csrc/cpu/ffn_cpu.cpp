@@ -18,17 +18,11 @@
 #include <vector>
 
 #include "../ffn.h"
+#include "vectorize.h"
 
 namespace sparse_ops {
 namespace ffn {
 namespace {
-
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define SPARSE_OPS_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define SPARSE_OPS_CLONES
-#endif
-#define SPARSE_OPS_INLINE __attribute__((always_inline)) inline
 
 // Dot product with kLanes independent partial sums, so the FMA latency is hidden
 // (one accumulator vector is latency-bound at 4 cycles per FMA).
