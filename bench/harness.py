@@ -85,6 +85,8 @@ def _extra(row: dict) -> str:
     base = {"dense_ms", "masked_ms", "sparse_ms"}
     parts = [f"{k[:-3]} {row[k]:.3g}ms ({row['dense_ms'] / row[k]:.2f}x)"
              for k in row if k.endswith("_ms") and k not in base]
+    if row.get("note"):  # a baseline that could not run here, and why
+        parts.append(str(row["note"]))
     return "; ".join(parts)
 
 

@@ -95,8 +95,6 @@ def _flex(q, k, v, head_mask, causal, train):
 
 
 def _row(name, shape, keep, device, fns, check, train, note=None, **extra):
-    if note:
-        name = f"{name} [{note}]"
     row = {"op": "heads", "case": name, "device": device, "dtype": "float32", "shape": shape, "keep": keep,
            "backend": _backend.choose("masked_head_attention", torch.device(device)),
            "fns": fns, "check": check, "train": train}
