@@ -426,3 +426,22 @@ def test_bad_head_masks():
         smha(q, q, q, attn_mask=torch.zeros(S + 1, S, dtype=torch.bool), head_mask=masks()["bool_H"])
     with pytest.raises(ValueError, match="key_padding_mask"):
         smha(q, q, q, key_padding_mask=torch.zeros(B, S + 1, dtype=torch.bool), head_mask=masks()["bool_H"])
+
+
+@pytest.mark.parametrize("mask", ["shared", "per_sample"])
+def test_torch_compile_matches_eager(mask):
+    """torch.compile runs the module (graph breaks allowed where the grouping depends on the
+    mask's values) and gives eager's output and gradients."""
+    torch._dynamo.reset()
+    _, smha = make(batch_first=True)
+    q, k, v = inputs(True)
+    m = torch.tensor([True, False, True, True]) if mask == "shared" else \
+        torch.tensor([[True, False, True, False], [False, False, False, True], [True, True, True, True]])
+    out = smha(q, k, v, need_weights=False, head_mask=m)[0]
+    g_eager = torch.autograd.grad(out.sum(), [q, smha.in_proj_weight, smha.out_proj.weight])
+    compiled = torch.compile(smha)
+    out_c = compiled(q, k, v, need_weights=False, head_mask=m)[0]
+    torch.testing.assert_close(out_c, out, **tol(F32))
+    g_c = torch.autograd.grad(out_c.sum(), [q, smha.in_proj_weight, smha.out_proj.weight])
+    for a, b in zip(g_c, g_eager):
+        torch.testing.assert_close(a, b, **tol(F32))
