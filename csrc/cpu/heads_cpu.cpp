@@ -382,7 +382,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> masked_head_attention_cpu(
   }
   const Tensor run = run_mask(head_mask, B, H);
   if ((dt == at::kFloat && have_blas<float>()) || (dt == at::kDouble && have_blas<double>())) {
-    auto as_blas = [&](const Tensor& t) { return t.stride(3) == 1 && t.stride(2) >= D ? t : t.contiguous(); };
+    // BLAS takes 32-bit leading dimensions: rows with unit stride, a row stride >= D that fits.
+    auto as_blas = [&](const Tensor& t) {
+      return t.stride(3) == 1 && t.stride(2) >= D && t.stride(2) <= std::numeric_limits<int>::max() ? t
+                                                                                                     : t.contiguous();
+    };
     const Tensor qb = as_blas(q), kb = as_blas(k), vb = as_blas(v);
     Tensor out = at::empty_like(q);
     if (out.stride(3) != 1 && D > 1) out = at::empty({B, H, Tq, D}, q.options());
