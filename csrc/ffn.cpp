@@ -443,12 +443,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_gath
   // w1/w2-sized tensors cost ~9% of a dense fwd+bwd step at N=1024, d=768, F=3072).
   auto zeros_if = [&](bool needed, const Tensor& like) { return needed ? at::zeros_like(like) : empty; };
 
+  Tensor dgate = zeros_if(need_g, need_g ? *gate : x);
+  Tensor dx, dw1, dw2, dw3, db1;
   const auto& groups = a.groups;
   if (groups.empty()) {
     BlockGrads r = backward_block(grad_out, x, w1, w2, b1, w3, a, pre, up, act, w2_transposed,
                                   need_x, need_w, gate_grad_here);
     // dx: the block covers every row (shared mask); it is undefined only when no column ran.
-    Tensor dx = !need_x ? empty : r.dx.defined() ? r.dx : at::zeros_like(x);
+    dx = !need_x ? empty : r.dx.defined() ? r.dx : at::zeros_like(x);
     auto full = [&](bool needed, const Tensor& like, int64_t dim, const Tensor& src) {
       if (!needed) return empty;
       if (a.all && src.defined()) return src;
@@ -456,26 +458,20 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_gath
       scatter_cols(dst, dim, idx, src, false, false);
       return dst;
     };
-    Tensor dw1 = full(need_w, w1, 0, r.dW1a);
-    Tensor dw2 = full(need_w, w2, w2_dim, r.dW2a);
-    Tensor dw3 = w3 ? full(need_w, *w3, 0, r.dW3a) : empty;
-    Tensor db1 = b1 ? full(need_w, *b1, 0, r.db1a) : empty;
-    Tensor dgate = zeros_if(need_g, need_g ? *gate : x);
+    dw1 = full(need_w, w1, 0, r.dW1a);
+    dw2 = full(need_w, w2, w2_dim, r.dW2a);
+    dw3 = w3 ? full(need_w, *w3, 0, r.dW3a) : empty;
+    db1 = b1 ? full(need_w, *b1, 0, r.db1a) : empty;
     if (r.dgate_a.defined()) {
       Tensor ga = gate_rows ? r.dgate_a : r.dgate_a.sum(0);
       scatter_cols(dgate, gate->dim() - 1, idx, ga, a.all, false);
     }
-    if (need_g && dense_grad && N > 0) dense_gate_grad(dgate, grad_out, x, w1, w2, b1, w3, active, act,
-                                                       w2_transposed);
-    return {dx, dw1, dw2, dw3, db1, db2, dgate};
-  }
-  Tensor dx = zeros_if(need_x, x);
-  Tensor dw1 = zeros_if(need_w, w1);
-  Tensor dw2 = zeros_if(need_w, w2);
-  Tensor dw3 = zeros_if(need_w && w3.has_value(), w3 ? *w3 : w1);
-  Tensor db1 = zeros_if(need_w && b1.has_value(), b1 ? *b1 : w1);
-  Tensor dgate = zeros_if(need_g, need_g ? *gate : x);
-  {
+  } else {
+    dx = zeros_if(need_x, x);
+    dw1 = zeros_if(need_w, w1);
+    dw2 = zeros_if(need_w, w2);
+    dw3 = zeros_if(need_w && w3.has_value(), w3 ? *w3 : w1);
+    db1 = zeros_if(need_w && b1.has_value(), b1 ? *b1 : w1);
     for (const auto& g : groups) {
       Active s = group_active(a, g);
       const Tensor& cols = s.idx;  // columns of w1 that ran for this group

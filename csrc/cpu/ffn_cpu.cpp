@@ -127,23 +127,11 @@ SPARSE_OPS_INLINE void prefetch_row(const T* p, int64_t n) {
   for (int64_t b = 0; b < n * int64_t(sizeof(T)); b += 64) __builtin_prefetch(c + b, 0, 1);
 }
 
-// Columns [k0, k1): hidden units of every row, and (w2 transposed) their down-projection.
+// Up-projection of columns [b0, b1): pre, up and the gated hidden hg of every row. Near the end
+// of the block the prefetch asks for its first down-projection rows (w2 transposed).
 template <typename T>
-SPARSE_OPS_INLINE void decode_columns_impl(const DecodeArgs<T>& A, int64_t k0, int64_t k1) {
+SPARSE_OPS_INLINE void decode_up_block(const DecodeArgs<T>& A, int64_t b0, int64_t b1) {
   const int64_t N = A.N, d = A.d, K = A.K;
-  // Blocks of kPhaseBlock columns in two phases: the up-projection rows (w1, w3) of the block,
-  // then (w2 transposed) its down-projection rows, so each phase streams one weight matrix.
-  // Measured against one pass reading w1 and w2 rows alternately, side by side in one process
-  // (4 weight sets cycled, 2 threads): N=1 per-row keep 0.25 0.572 -> 0.559 ms, keep 0.5
-  // 1.034 -> 0.983; N=4 shared keep 0.25 0.988 -> 0.851, keep 0.5 1.526 -> 1.519. In
-  // `python -m bench --ops ffn` (weights from DRAM), before -> after over dense: N=4 shared
-  // keep 0.25 4.04-4.13x -> 5.46x, keep 0.5 2.35-2.55x -> 3.33x; N=1 per-row keep 0.25
-  // 2.31-2.49x -> 2.67x (noisy machine: dense itself moved 1.7 -> 2.0 ms between the runs).
-  // Block sizes 16, 64, 768 (prefetch ahead 2) and 64, 128 (ahead 4) measured the same at N=1
-  // keep 0.25 (0.58-0.60 ms side by side, each call after a dense one; dense 1.47 ms): there the
-  // scattered rows stream from DRAM at ~8 GB/s whatever the order.
-  for (int64_t b0 = k0; b0 < k1; b0 += kPhaseBlock) {
-  const int64_t b1 = std::min(k1, b0 + kPhaseBlock);
   for (int64_t k = b0; k < b1; ++k) {
     const int64_t j = A.idx[k];
     const T* w1j = A.w1 + j * d;
@@ -200,7 +188,13 @@ SPARSE_OPS_INLINE void decode_columns_impl(const DecodeArgs<T>& A, int64_t k0, i
       A.hg[o] = h;
     }
   }
-  if (!A.w2_transposed) continue;
+}
+
+// Down-projection of columns [b0, b1) (w2 transposed): acc[n] += hg[n, k] * w2[idx[k]]. Near the
+// end of the block the prefetch asks for the first up-projection rows of the next one (< k1).
+template <typename T>
+SPARSE_OPS_INLINE void decode_down_block(const DecodeArgs<T>& A, int64_t b0, int64_t b1, int64_t k1) {
+  const int64_t N = A.N, d = A.d, K = A.K;
   for (int64_t k = b0; k < b1; ++k) {
     const T* w2j = A.w2 + A.idx[k] * d;
     if (k + kPrefetchAhead < b1) {
@@ -221,6 +215,26 @@ SPARSE_OPS_INLINE void decode_columns_impl(const DecodeArgs<T>& A, int64_t k0, i
       axpy(A.hg[n * K + k], w2j, A.acc + n * d, d);
     }
   }
+}
+
+// Columns [k0, k1): hidden units of every row, and (w2 transposed) their down-projection.
+template <typename T>
+SPARSE_OPS_INLINE void decode_columns_impl(const DecodeArgs<T>& A, int64_t k0, int64_t k1) {
+  // Blocks of kPhaseBlock columns in two phases: the up-projection rows (w1, w3) of the block,
+  // then (w2 transposed) its down-projection rows, so each phase streams one weight matrix.
+  // Measured against one pass reading w1 and w2 rows alternately, side by side in one process
+  // (4 weight sets cycled, 2 threads): N=1 per-row keep 0.25 0.572 -> 0.559 ms, keep 0.5
+  // 1.034 -> 0.983; N=4 shared keep 0.25 0.988 -> 0.851, keep 0.5 1.526 -> 1.519. In
+  // `python -m bench --ops ffn` (weights from DRAM), before -> after over dense: N=4 shared
+  // keep 0.25 4.04-4.13x -> 5.46x, keep 0.5 2.35-2.55x -> 3.33x; N=1 per-row keep 0.25
+  // 2.31-2.49x -> 2.67x (noisy machine: dense itself moved 1.7 -> 2.0 ms between the runs).
+  // Block sizes 16, 64, 768 (prefetch ahead 2) and 64, 128 (ahead 4) measured the same at N=1
+  // keep 0.25 (0.58-0.60 ms side by side, each call after a dense one; dense 1.47 ms): there the
+  // scattered rows stream from DRAM at ~8 GB/s whatever the order.
+  for (int64_t b0 = k0; b0 < k1; b0 += kPhaseBlock) {
+    const int64_t b1 = std::min(k1, b0 + kPhaseBlock);
+    decode_up_block(A, b0, b1);
+    if (A.w2_transposed) decode_down_block(A, b0, b1, k1);
   }
 }
 
@@ -295,11 +309,10 @@ std::tuple<Tensor, Tensor, Tensor> forward_decode(const Tensor& x, const Tensor&
     decode_columns(L, k0, k1);
   });
 
-  Tensor out;
   if (w2_transposed) {
     // Sum of the threads' accumulators and b2 in one pass (acc.sum(0) then add_(b2) were
     // two more ATen calls on a path whose fixed cost is a visible share of a decode call).
-    out = at::empty({N, d}, x.options());
+    Tensor out = at::empty({N, d}, x.options());
     T* op = out.data_ptr<T>();
     const Tensor b2c = b2 ? b2->contiguous() : Tensor();
     const T* bp = b2 ? b2c.data_ptr<T>() : nullptr;
@@ -312,22 +325,21 @@ std::tuple<Tensor, Tensor, Tensor> forward_decode(const Tensor& x, const Tensor&
       }
     }
     return {out, pre, up};
-  } else {
-    // nn.Linear layout [d, F]: an inactive column j is a stride-F column of w2. Only the
-    // active entries of each row of w2 are read (gathered once per row into an L1 buffer,
-    // then one dot per input row); a dense GEMV over a zero-filled hidden would multiply
-    // inactive columns by 0 and turn a NaN or inf there into NaN. With a scattered mask
-    // every cache line of w2 still holds active entries, so this layout's decode speedup is
-    // bounded by 2 / (1 + keep); w2_transposed=True avoids that.
-    out = at::zeros({N, d}, x.options());
-    T* op = out.data_ptr<T>();
-    const T* hp = hg.data_ptr<T>();
-    const T* w2p = w2c.data_ptr<T>();
-    at::parallel_for(0, d, 16, [&](int64_t i0, int64_t i1) {
-      std::vector<T> buf(K);
-      decode_down_rows(w2p, A.idx, hp, op, buf.data(), N, d, F, K, i0, i1);
-    });
   }
+  // nn.Linear layout [d, F]: an inactive column j is a stride-F column of w2. Only the
+  // active entries of each row of w2 are read (gathered once per row into an L1 buffer,
+  // then one dot per input row); a dense GEMV over a zero-filled hidden would multiply
+  // inactive columns by 0 and turn a NaN or inf there into NaN. With a scattered mask
+  // every cache line of w2 still holds active entries, so this layout's decode speedup is
+  // bounded by 2 / (1 + keep); w2_transposed=True avoids that.
+  Tensor out = at::zeros({N, d}, x.options());
+  T* op = out.data_ptr<T>();
+  const T* hp = hg.data_ptr<T>();
+  const T* w2p = w2c.data_ptr<T>();
+  at::parallel_for(0, d, 16, [&](int64_t i0, int64_t i1) {
+    std::vector<T> buf(K);
+    decode_down_rows(w2p, A.idx, hp, op, buf.data(), N, d, F, K, i0, i1);
+  });
   if (b2) out.add_(*b2);
   return {out, pre, up};
 }
