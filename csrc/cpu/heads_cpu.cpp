@@ -363,7 +363,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> masked_head_attention_cpu(
   const int64_t B = s.B, H = s.H, Tq = s.Tq, D = s.D;
   const bool gated = is_gated(head_mask);
   const auto dt = q.scalar_type();
-  const Tensor pairs = running_pairs(run_mask(head_mask, B, H));
+  const Tensor run = run_mask(head_mask, B, H);
+  const Tensor pairs = running_pairs(run);
   const int64_t P = pairs.size(0);
   const auto lse_opt = q.options().dtype(acc_type(dt));
   if (P == 0 || Tq == 0) {
@@ -380,7 +381,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> masked_head_attention_cpu(
     at::mul_out(out, o, gate_bh(head_mask, B, H, dt).view({B, H, 1, 1}));
     return {out, pairs, o.reshape({P, Tq, D}), lse};
   }
-  const Tensor run = run_mask(head_mask, B, H);
+  // The output takes q's layout, as ATen's flash kernel does (at::empty_like(q)); the gate of
+  // each running pair (float masks).
+  Tensor out = at::empty_like(q);
+  if (out.stride(3) != 1 && D > 1) out = at::empty({B, H, Tq, D}, q.options());
+  const Tensor g_pairs =
+      gated ? gate_bh(head_mask, B, H, dt).reshape({-1}).index_select(0, pairs).contiguous() : Tensor();
   if ((dt == at::kFloat && have_blas<float>()) || (dt == at::kDouble && have_blas<double>())) {
     // BLAS takes 32-bit leading dimensions: rows with unit stride, a row stride >= D that fits.
     auto as_blas = [&](const Tensor& t) {
@@ -388,16 +394,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> masked_head_attention_cpu(
                                                                                                      : t.contiguous();
     };
     const Tensor qb = as_blas(q), kb = as_blas(k), vb = as_blas(v);
-    Tensor out = at::empty_like(q);
-    if (out.stride(3) != 1 && D > 1) out = at::empty({B, H, Tq, D}, q.options());
     Tensor out_c = gated ? at::empty({P, Tq, D}, q.options()) : Tensor();
     Tensor lse = at::empty({P, Tq}, lse_opt);
-    const Tensor gp = gated ? gate_bh(head_mask, B, H, dt).reshape({-1}).index_select(0, pairs).contiguous() : Tensor();
     const Tensor madd = additive(mask4, dt);
     const double sc = scale ? *scale : 1.0 / std::sqrt(static_cast<double>(D));
     const Tensor pc = pairs.contiguous();
-    if (dt == at::kFloat) attend_pairs_direct<float>(qb, kb, vb, pc, madd, is_causal, sc, gp, out, out_c, lse);
-    else attend_pairs_direct<double>(qb, kb, vb, pc, madd, is_causal, sc, gp, out, out_c, lse);
+    if (dt == at::kFloat) attend_pairs_direct<float>(qb, kb, vb, pc, madd, is_causal, sc, g_pairs, out, out_c, lse);
+    else attend_pairs_direct<double>(qb, kb, vb, pc, madd, is_causal, sc, g_pairs, out, out_c, lse);
     zero_off_pairs(out, run);
     return {out, pairs, gated ? out_c : q.new_empty({0}), lse};
   }
@@ -405,11 +408,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> masked_head_attention_cpu(
   const Tensor qc = gather_pairs(q, pairs, &ws), kc = gather_pairs(k, pairs, &ws), vc = gather_pairs(v, pairs, &ws);
   auto [oc, lc] = at::_scaled_dot_product_flash_attention_for_cpu(qc, kc, vc, 0.0, is_causal,
                                                                   opt(mask_for_pairs(mask4, pairs, H, dt)), scale);
-  const Tensor gc = gated ? gate_bh(head_mask, B, H, dt).reshape({-1}).index_select(0, pairs) : Tensor();
-  // The output takes q's layout, as ATen's flash kernel does (at::empty_like(q)).
-  Tensor out = at::empty_like(q);
-  if (out.stride(3) != 1 && D > 1) out = at::empty({B, H, Tq, D}, q.options());
-  scatter_pairs_into(out, oc, pairs, gc);
+  scatter_pairs_into(out, oc, pairs, g_pairs);
   return {out, pairs, gated ? oc.reshape({P, Tq, D}) : q.new_empty({0}), lc.reshape({P, Tq})};
 }
 
