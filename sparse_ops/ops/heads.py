@@ -63,7 +63,7 @@ def masked_head_attention(q, k, v, head_mask, *, attn_mask=None, is_causal=False
 
 
 # ----------------------------------------------------------------- registrations
-def _bthd(q, T):
+def empty_bthd(q, T):
     """An empty [B, H, T, D] tensor laid out [B, T, H, D], like the kernels' outputs."""
     B, H, _, D = q.shape
     return q.new_empty((B, T, H, D)).transpose(1, 2)
@@ -71,6 +71,39 @@ def _bthd(q, T):
 
 def _acc(dtype):
     return dtype if dtype in (torch.float32, torch.float64) else torch.float32
+
+
+# Shared by this op and its Triton twin (sparse_ops/triton_kernels/heads.py), whose backward
+# ops take the same arguments and return the same tensors.
+def backward_fake(grad_out, q, k, v, head_mask, attn_mask, pairs, out, out_c, lse, is_causal, scale, dense_grad,
+                  need):
+    e = q.new_empty((0,))
+    gated = head_mask.dtype != torch.bool
+    return (empty_bthd(q, q.shape[2]) if need[0] else e, empty_bthd(q, k.shape[2]) if need[1] else e,
+            empty_bthd(q, k.shape[2]) if need[2] else e,
+            torch.empty_like(head_mask) if (need[3] and gated) else e)
+
+
+def setup_context(ctx, inputs, output):
+    q, k, v, head_mask, attn_mask, is_causal, scale, dense_grad = inputs
+    out, pairs, out_c, lse = output
+    ctx.save_for_backward(q, k, v, head_mask, attn_mask, pairs, out, out_c, lse)
+    ctx.args = (is_causal, scale, dense_grad)
+
+
+def autograd_backward(bwd_op):
+    """The autograd formula of a forward op whose gradients come from bwd_op."""
+    def backward(ctx, grad_out, _g_pairs, _g_out_c, _g_lse):
+        q, k, v, head_mask, attn_mask, pairs, out, out_c, lse = ctx.saved_tensors
+        nig = ctx.needs_input_grad
+        gated = head_mask.dtype != torch.bool
+        need = [bool(nig[0]), bool(nig[1]), bool(nig[2]), bool(nig[3]) and gated]
+        if grad_out is None:
+            grad_out = torch.zeros_like(q)
+        dq, dk, dv, dm = bwd_op(grad_out, q, k, v, head_mask, attn_mask, pairs, out, out_c, lse, *ctx.args, need)
+        return (dq if need[0] else None, dk if need[1] else None, dv if need[2] else None,
+                dm if need[3] else None, None, None, None, None)
+    return backward
 
 
 def _register():
@@ -86,34 +119,11 @@ def _register():
         return (torch.empty_like(q), q.new_empty((P,), dtype=torch.int64), out_c,
                 q.new_empty((P, Tq), dtype=_acc(q.dtype)))
 
-    @torch.library.register_fake("sparse_ops::masked_head_attention_backward")
-    def _(grad_out, q, k, v, head_mask, attn_mask, pairs, out, out_c, lse, is_causal, scale, dense_grad, need):
-        e = q.new_empty((0,))
-        gated = head_mask.dtype != torch.bool
-        return (_bthd(q, q.shape[2]) if need[0] else e, _bthd(q, k.shape[2]) if need[1] else e,
-                _bthd(q, k.shape[2]) if need[2] else e,
-                torch.empty_like(head_mask) if (need[3] and gated) else e)
-
-    def setup_context(ctx, inputs, output):
-        q, k, v, head_mask, attn_mask, is_causal, scale, dense_grad = inputs
-        out, pairs, out_c, lse = output
-        ctx.save_for_backward(q, k, v, head_mask, attn_mask, pairs, out, out_c, lse)
-        ctx.is_causal, ctx.scale, ctx.dense_grad = is_causal, scale, dense_grad
-
-    def backward(ctx, grad_out, _g_pairs, _g_out_c, _g_lse):
-        q, k, v, head_mask, attn_mask, pairs, out, out_c, lse = ctx.saved_tensors
-        nig = ctx.needs_input_grad
-        gated = head_mask.dtype != torch.bool
-        need = [bool(nig[0]), bool(nig[1]), bool(nig[2]), bool(nig[3]) and gated]
-        if grad_out is None:
-            grad_out = torch.zeros_like(q)
-        dq, dk, dv, dm = torch.ops.sparse_ops.masked_head_attention_backward(
-            grad_out, q, k, v, head_mask, attn_mask, pairs, out, out_c, lse, ctx.is_causal, ctx.scale,
-            ctx.dense_grad, need)
-        return (dq if need[0] else None, dk if need[1] else None, dv if need[2] else None,
-                dm if need[3] else None, None, None, None, None)
-
-    torch.library.register_autograd("sparse_ops::masked_head_attention", backward, setup_context=setup_context)
+    torch.library.register_fake("sparse_ops::masked_head_attention_backward", backward_fake)
+    torch.library.register_autograd(
+        "sparse_ops::masked_head_attention",
+        autograd_backward(torch.ops.sparse_ops.masked_head_attention_backward),
+        setup_context=setup_context)
 
 
 _register()

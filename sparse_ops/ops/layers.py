@@ -57,6 +57,44 @@ def scatter_rows(x: torch.Tensor, idx: torch.Tensor, src: torch.Tensor, gate: to
     return torch.ops.sparse_ops.scatter_rows(x, idx, src, gate)
 
 
+# Fakes and autograd formulas shared by the C++ row ops and their Triton twins
+# (sparse_ops/triton_kernels/rows.py), which take the same arguments and return the same tensors.
+def scatter_backward_fake(grad, x, idx, src, gate, need):
+    e = x.new_empty((0,))
+    return (torch.empty_like(x) if need[0] else e, torch.empty_like(src) if need[1] else e,
+            torch.empty_like(gate) if (need[2] and gate is not None) else e)
+
+
+def gather_setup(ctx, inputs, output):
+    x, idx = inputs
+    ctx.save_for_backward(idx)
+    ctx.x_shape = x.shape
+
+
+def gather_autograd(scatter_op):
+    """gather's backward: the gradient rows scattered into zeros by scatter_op."""
+    def backward(ctx, grad):
+        (idx,) = ctx.saved_tensors
+        return scatter_op(grad.new_zeros(ctx.x_shape), idx, grad, None), None
+    return backward
+
+
+def scatter_setup(ctx, inputs, output):
+    x, idx, src, gate = inputs
+    ctx.save_for_backward(x, idx, src, gate)
+
+
+def scatter_autograd(scatter_bwd_op):
+    """scatter's backward, computed by scatter_bwd_op."""
+    def backward(ctx, grad):
+        x, idx, src, gate = ctx.saved_tensors
+        nig = ctx.needs_input_grad
+        need = [bool(nig[0]), bool(nig[2]), bool(nig[3]) and gate is not None]
+        dx, dsrc, dgate = scatter_bwd_op(grad, x, idx, src, gate, need)
+        return (dx if need[0] else None, None, dsrc if need[1] else None, dgate if need[2] else None)
+    return backward
+
+
 def _register():
     if not _backend.has_ext():
         return
@@ -69,36 +107,12 @@ def _register():
     def _(x, idx, src, gate):
         return torch.empty_like(x)
 
-    @torch.library.register_fake("sparse_ops::scatter_rows_backward")
-    def _(grad, x, idx, src, gate, need):
-        e = x.new_empty((0,))
-        return (torch.empty_like(x) if need[0] else e, torch.empty_like(src) if need[1] else e,
-                torch.empty_like(gate) if (need[2] and gate is not None) else e)
-
-    def gather_setup(ctx, inputs, output):
-        x, idx = inputs
-        ctx.save_for_backward(idx)
-        ctx.x_shape = x.shape
-
-    def gather_backward(ctx, grad):
-        (idx,) = ctx.saved_tensors
-        zeros = grad.new_zeros(ctx.x_shape)
-        return torch.ops.sparse_ops.scatter_rows(zeros, idx, grad, None), None
-
-    torch.library.register_autograd("sparse_ops::gather_rows", gather_backward, setup_context=gather_setup)
-
-    def scatter_setup(ctx, inputs, output):
-        x, idx, src, gate = inputs
-        ctx.save_for_backward(x, idx, src, gate)
-
-    def scatter_backward(ctx, grad):
-        x, idx, src, gate = ctx.saved_tensors
-        nig = ctx.needs_input_grad
-        need = [bool(nig[0]), bool(nig[2]), bool(nig[3]) and gate is not None]
-        dx, dsrc, dgate = torch.ops.sparse_ops.scatter_rows_backward(grad, x, idx, src, gate, need)
-        return (dx if need[0] else None, None, dsrc if need[1] else None, dgate if need[2] else None)
-
-    torch.library.register_autograd("sparse_ops::scatter_rows", scatter_backward, setup_context=scatter_setup)
+    torch.library.register_fake("sparse_ops::scatter_rows_backward", scatter_backward_fake)
+    torch.library.register_autograd("sparse_ops::gather_rows", gather_autograd(torch.ops.sparse_ops.scatter_rows),
+                                    setup_context=gather_setup)
+    torch.library.register_autograd("sparse_ops::scatter_rows",
+                                    scatter_autograd(torch.ops.sparse_ops.scatter_rows_backward),
+                                    setup_context=scatter_setup)
 
 
 _register()

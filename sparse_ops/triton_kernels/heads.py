@@ -34,6 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..ops import heads as _ops_heads
 from .ffn import INTERPRET, _launch, _upcast
 
 _NEG_INF = float("-inf")
@@ -473,11 +474,6 @@ fwd_op = _register(_FWD, _forward, mutates_args=(), schema=_FWD_SCHEMA)
 bwd_op = _register(_BWD, _backward, mutates_args=(), schema=_BWD_SCHEMA)
 
 
-def _bthd_fake(q, T):
-    B, H, _, D = q.shape
-    return q.new_empty((B, T, H, D)).transpose(1, 2)
-
-
 @fwd_op.register_fake
 def _(q, k, v, head_mask, attn_mask, is_causal, scale, dense_grad):
     B, H, Tq, D = q.shape
@@ -485,42 +481,13 @@ def _(q, k, v, head_mask, attn_mask, is_causal, scale, dense_grad):
     ctx = torch.library.get_ctx()
     P = ctx.new_dynamic_size(min=0, max=n) if isinstance(n, int) else ctx.new_dynamic_size()
     out_c = q.new_empty((P, Tq, D)) if head_mask.dtype != torch.bool else q.new_empty((0,))
-    return (_bthd_fake(q, Tq), q.new_empty((P,), dtype=torch.int64), out_c,
+    return (_ops_heads.empty_bthd(q, Tq), q.new_empty((P,), dtype=torch.int64), out_c,
             q.new_empty((P, Tq), dtype=_acc_torch(q.dtype)))
 
 
-@bwd_op.register_fake
-def _(grad_out, q, k, v, head_mask, attn_mask, pairs, out, out_c, lse, is_causal, scale, dense_grad, need):
-    gated = head_mask.dtype != torch.bool
-    Tk = k.shape[2]
-    return (_bthd_fake(q, q.shape[2]) if need[0] else q.new_empty((0,)),
-            _bthd_fake(q, Tk) if need[1] else q.new_empty((0,)),
-            _bthd_fake(q, Tk) if need[2] else q.new_empty((0,)),
-            torch.empty_like(head_mask) if (need[3] and gated) else q.new_empty((0,)))
-
-
-def _setup(ctx, inputs, output):
-    q, k, v, head_mask, attn_mask, is_causal, scale, dense_grad = inputs
-    out, pairs, out_c, lse = output
-    ctx.save_for_backward(q, k, v, head_mask, attn_mask, pairs, out, out_c, lse)
-    ctx.args = (is_causal, scale, dense_grad)
-
-
-def _autograd(ctx, grad_out, _gp, _go, _gl):
-    q, k, v, head_mask, attn_mask, pairs, out, out_c, lse = ctx.saved_tensors
-    nig = ctx.needs_input_grad
-    gated = head_mask.dtype != torch.bool
-    need = [bool(nig[0]), bool(nig[1]), bool(nig[2]), bool(nig[3]) and gated]
-    if grad_out is None:
-        grad_out = torch.zeros_like(q)
-    is_causal, scale, dense_grad = ctx.args
-    dq, dk, dv, dm = bwd_op(grad_out, q, k, v, head_mask, attn_mask, pairs, out, out_c, lse, is_causal, scale,
-                            dense_grad, need)
-    return (dq if need[0] else None, dk if need[1] else None, dv if need[2] else None, dm if need[3] else None,
-            None, None, None, None)
-
-
-fwd_op.register_autograd(_autograd, setup_context=_setup)
+# The backward's fake and the autograd formula are the C++ op's (same arguments and results).
+bwd_op.register_fake(_ops_heads.backward_fake)
+fwd_op.register_autograd(_ops_heads.autograd_backward(bwd_op), setup_context=_ops_heads.setup_context)
 
 
 def masked_head_attention(q, k, v, head_mask, attn_mask, is_causal, scale, dense_grad):

@@ -14,6 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..ops import layers as _ops_layers
 from .ffn import INTERPRET, _acc, _launch
 
 _BLOCK = 1024
@@ -152,34 +153,7 @@ def _(x, idx, src, gate):
     return torch.empty_like(x)
 
 
-@scatter_bwd_op.register_fake
-def _(grad, x, idx, src, gate, need):
-    return (torch.empty_like(x) if need[0] else x.new_empty(0), torch.empty_like(src) if need[1] else x.new_empty(0),
-            torch.empty_like(gate) if (need[2] and gate is not None) else x.new_empty(0))
-
-
-def _gather_setup(ctx, inputs, output):
-    x, idx = inputs
-    ctx.save_for_backward(idx)
-    ctx.x_shape = x.shape
-
-
-def _gather_backward(ctx, grad):
-    (idx,) = ctx.saved_tensors
-    return scatter_op(grad.new_zeros(ctx.x_shape), idx, grad, None), None
-
-
-def _scatter_setup(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
-
-
-def _scatter_backward(ctx, grad):
-    x, idx, src, gate = ctx.saved_tensors
-    nig = ctx.needs_input_grad
-    need = [bool(nig[0]), bool(nig[2]), bool(nig[3]) and gate is not None]
-    dx, dsrc, dgate = scatter_bwd_op(grad, x, idx, src, gate, need)
-    return dx if need[0] else None, None, dsrc if need[1] else None, dgate if need[2] else None
-
-
-gather_op.register_autograd(_gather_backward, setup_context=_gather_setup)
-scatter_op.register_autograd(_scatter_backward, setup_context=_scatter_setup)
+# The backward's fake and the autograd formulas are the C++ row ops' (same arguments and results).
+scatter_bwd_op.register_fake(_ops_layers.scatter_backward_fake)
+gather_op.register_autograd(_ops_layers.gather_autograd(scatter_op), setup_context=_ops_layers.gather_setup)
+scatter_op.register_autograd(_ops_layers.scatter_autograd(scatter_bwd_op), setup_context=_ops_layers.scatter_setup)
