@@ -15,6 +15,7 @@
 #include <cstdint>
 
 #include "dtype.cuh"
+#include "warp.cuh"
 #include "ffn_kernels.h"
 
 namespace sparse_ops {
@@ -26,13 +27,6 @@ constexpr int kThreads = kWarps * 32;
 constexpr int kCols = 32;  // active columns per block
 constexpr int kMaxRows = kFfnDecodeMaxRows;
 constexpr int kVec = 4;    // output elements per thread per sweep in phase 2
-
-template <typename A>
-__device__ __forceinline__ A warp_sum(A v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
 
 template <typename A>
 __device__ __forceinline__ A activation(A v, FfnAct act) {

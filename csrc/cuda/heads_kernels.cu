@@ -31,6 +31,7 @@
 #include <cstdint>
 
 #include "dtype.cuh"
+#include "warp.cuh"
 #include "heads_kernels.h"
 
 namespace sparse_ops {
@@ -41,23 +42,6 @@ constexpr int kBK = 32;        // keys per shared-memory tile: one per lane when
 constexpr int kRows = 4;       // queries per warp
 constexpr int kMaxWarps = 4;   // warps per block
 constexpr int kStaticSmem = 48 * 1024;
-
-template <typename A>
-__device__ __forceinline__ A warp_sum(A v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
-
-template <typename A>
-__device__ __forceinline__ A warp_max(A v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) {
-    const A u = __shfl_xor_sync(0xffffffffu, v, o);
-    v = u > v ? u : v;
-  }
-  return v;
-}
 
 template <typename T, int DPL>
 __global__ void __launch_bounds__(kMaxWarps * 32) heads_fwd_kernel(HeadsFwdArgs a, int64_t nqb) {
