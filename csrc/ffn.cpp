@@ -222,6 +222,7 @@ static Active make_active(int64_t N, int64_t F, const OptTensor& active, const O
     return a;
   }
   Tensor m = effective_mask(N, F, active, gate, like);
+  if (m.dim() == 2 && N == 1) m = m.select(0, 0);  // one row: its mask is a shared one
   if (m.dim() == 2) {
     if (!idx.defined()) idx = mask_indices(m.any(0));
     a.groups = find_row_groups(m, idx, N);

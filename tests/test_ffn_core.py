@@ -61,6 +61,26 @@ def test_forward_matches_reference(N, w2t, glu, mask):
     torch.testing.assert_close(got, exp, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("N", [1, 2, 5, 6, 16])
+@pytest.mark.parametrize("w2t", [False, True])
+@pytest.mark.parametrize("glu", [False, True])
+@pytest.mark.parametrize("mask", ["none", "bool", "per_row"])
+@pytest.mark.parametrize("dtype", [torch.float32, D64])
+def test_decode_kernel_many_blocks(N, w2t, glu, mask, dtype):
+    """F = 301 columns: several 64-column phase blocks per thread, groups of four columns with a
+    short last group, rows in tiles of four with leftover rows (N = 5, 6), odd d, and the
+    prefetch reaching across blocks and phases."""
+    x, p = make(N, d=45, F=301, w2t=w2t, glu=glu, dtype=dtype)
+    m = masks(N, 301)[mask]
+    got = call(sparse_ops.gated_ffn, x, p, m, w2t=w2t)
+    # the reference in float64 on the same values; float32 sums of 301 terms of size ~10
+    exp = call(R.gated_ffn, x.double(), {k: v.double() if v is not None else None for k, v in p.items()},
+               m, w2t=w2t)
+    scale = exp.abs().max().item()
+    eps = 1e-12 if dtype == D64 else 1e-5
+    torch.testing.assert_close(got.double(), exp, rtol=eps, atol=eps * scale)
+
+
 @pytest.mark.parametrize("act", ACTS)
 @pytest.mark.parametrize("N", [2, 20])
 def test_activations_and_no_bias(act, N):
@@ -177,17 +197,18 @@ def test_inactive_weight_grads_are_exact_zeros(N, w2t):
 
 
 # ----------------------------------------------------------------- skipped work is not done
-@pytest.mark.parametrize("N", [1, 4, 40])
+@pytest.mark.parametrize("N", [1, 4, 6, 40])
 @pytest.mark.parametrize("w2t", [False, True])
 @pytest.mark.parametrize("kind", ["shared", "per_row"])
-def test_planted_nan_in_inactive_columns_never_reaches_results(N, w2t, kind):
-    x, p = make(N, w2t=w2t, glu=True, grad=True)
+@pytest.mark.parametrize("F", [29, 301])
+def test_planted_nan_in_inactive_columns_never_reaches_results(N, w2t, kind, F):
+    x, p = make(N, F=F, w2t=w2t, glu=True, grad=True)
     g = torch.Generator().manual_seed(5)
     if kind == "shared":
-        m = torch.rand(29, generator=g) > 0.5
+        m = torch.rand(F, generator=g) > 0.5
         dead = ~m
     else:
-        m = torch.rand(N, 29, generator=g) > 0.5
+        m = torch.rand(N, F, generator=g) > 0.5
         m[:, :4] = False  # columns 0..3 inactive for every row
         dead = ~m.any(0)
     clean = {k: (v.detach().clone() if v is not None else None) for k, v in p.items()}

@@ -24,14 +24,28 @@ namespace sparse_ops {
 namespace ffn {
 namespace {
 
+// Rolling prefetch: every 64 bytes a kernel steps along its weight rows, it asks for the same
+// line of the rows the next piece of work reads (`next`: null pointers ask for nothing). Their
+// lines are requested spread over the current work, a few in flight at a time, one step of
+// work ahead, instead of a burst of a whole row's 48 line requests that overflows the miss
+// queue (measured below, kColGroup).
+template <typename T, int R>
+SPARSE_OPS_INLINE void prefetch_lines(const T* const* next, int64_t i, int64_t lines) {
+  if (!next) return;
+  for (int r = 0; r < R; ++r)
+    if (next[r])
+      for (int64_t l = 0; l < lines; ++l) __builtin_prefetch(next[r] + i + l * int64_t(64 / sizeof(T)), 0, 3);
+}
+
 // Dot product with kLanes independent partial sums, so the FMA latency is hidden
 // (one accumulator vector is latency-bound at 4 cycles per FMA).
 template <typename T>
-SPARSE_OPS_INLINE T dot(const T* __restrict a, const T* __restrict b, int64_t n) {
+SPARSE_OPS_INLINE T dot(const T* __restrict a, const T* __restrict b, int64_t n, const T* next = nullptr) {
   constexpr int64_t kLanes = 64 / sizeof(T) * 4;  // four 64-byte vectors of partial sums
   T acc[kLanes] = {};
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {
+    if (next) prefetch_lines<T, 1>(&next, i, 4);
 #pragma omp simd
     for (int64_t l = 0; l < kLanes; ++l) acc[l] += a[i + l] * b[i + l];
   }
@@ -45,12 +59,13 @@ SPARSE_OPS_INLINE T dot(const T* __restrict a, const T* __restrict b, int64_t n)
 // Four rows against one weight row: the weight row is loaded once for all four
 // (register blocking), which is what keeps N = 4..16 from being load-bound.
 template <typename T>
-SPARSE_OPS_INLINE void dot4(const T* __restrict w, const T* __restrict x, int64_t n, T* out) {
+SPARSE_OPS_INLINE void dot4(const T* __restrict w, const T* __restrict x, int64_t n, T* out, const T* next) {
   constexpr int64_t kLanes = 64 / sizeof(T) * 2;
   T a0[kLanes] = {}, a1[kLanes] = {}, a2[kLanes] = {}, a3[kLanes] = {};
   const T *x0 = x, *x1 = x + n, *x2 = x + 2 * n, *x3 = x + 3 * n;
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {
+    if (next) prefetch_lines<T, 1>(&next, i, 2);
 #pragma omp simd
     for (int64_t l = 0; l < kLanes; ++l) {
       const T wv = w[i + l];
@@ -70,21 +85,76 @@ SPARSE_OPS_INLINE void dot4(const T* __restrict w, const T* __restrict x, int64_
   out[0] = s0; out[1] = s1; out[2] = s2; out[3] = s3;
 }
 
+// y[r] += h[r] * w for four rows r of y (stride n).
 template <typename T>
-SPARSE_OPS_INLINE void axpy4(const T* h, const T* __restrict w, T* __restrict y, int64_t n) {
+SPARSE_OPS_INLINE void axpy4(const T* h, const T* __restrict w, T* __restrict y, int64_t n, const T* next) {
+  constexpr int64_t kStep = 64 / sizeof(T);
   T* y0 = y; T* y1 = y + n; T* y2 = y + 2 * n; T* y3 = y + 3 * n;
   const T h0 = h[0], h1 = h[1], h2 = h[2], h3 = h[3];
+  for (int64_t i0 = 0; i0 < n; i0 += kStep) {
+    if (next && i0 + kStep <= n) prefetch_lines<T, 1>(&next, i0, 1);
+    const int64_t i1 = std::min(n, i0 + kStep);
 #pragma omp simd
-  for (int64_t i = 0; i < n; ++i) {
-    const T wv = w[i];
-    y0[i] += h0 * wv; y1[i] += h1 * wv; y2[i] += h2 * wv; y3[i] += h3 * wv;
+    for (int64_t i = i0; i < i1; ++i) {
+      const T wv = w[i];
+      y0[i] += h0 * wv; y1[i] += h1 * wv; y2[i] += h2 * wv; y3[i] += h3 * wv;
+    }
   }
 }
 
 template <typename T>
-SPARSE_OPS_INLINE void axpy(T alpha, const T* __restrict x, T* __restrict y, int64_t n) {
+SPARSE_OPS_INLINE void axpy(T alpha, const T* __restrict x, T* __restrict y, int64_t n, const T* next = nullptr) {
+  constexpr int64_t kStep = 64 / sizeof(T);
+  for (int64_t i0 = 0; i0 < n; i0 += kStep) {
+    if (next && i0 + kStep <= n) prefetch_lines<T, 1>(&next, i0, 1);
+    const int64_t i1 = std::min(n, i0 + kStep);
 #pragma omp simd
-  for (int64_t i = 0; i < n; ++i) y[i] += alpha * x[i];
+    for (int64_t i = i0; i < i1; ++i) y[i] += alpha * x[i];
+  }
+}
+
+// One input row against four weight rows: four independent memory streams.
+template <typename T>
+SPARSE_OPS_INLINE void dot_rows4(const T* __restrict x, const T* const* w, int64_t n, T* out,
+                                 const T* const* next) {
+  constexpr int64_t kLanes = 64 / sizeof(T);  // one cache line of each row per step
+  T a0[kLanes] = {}, a1[kLanes] = {}, a2[kLanes] = {}, a3[kLanes] = {};
+  const T *__restrict w0 = w[0], *__restrict w1 = w[1], *__restrict w2 = w[2], *__restrict w3 = w[3];
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    prefetch_lines<T, 4>(next, i, 1);
+#pragma omp simd
+    for (int64_t l = 0; l < kLanes; ++l) {
+      const T xv = x[i + l];
+      a0[l] += w0[i + l] * xv;
+      a1[l] += w1[i + l] * xv;
+      a2[l] += w2[i + l] * xv;
+      a3[l] += w3[i + l] * xv;
+    }
+  }
+  T s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+  for (; i < n; ++i) {
+    s0 += w0[i] * x[i]; s1 += w1[i] * x[i]; s2 += w2[i] * x[i]; s3 += w3[i] * x[i];
+  }
+  for (int64_t l = 0; l < kLanes; ++l) {
+    s0 += a0[l]; s1 += a1[l]; s2 += a2[l]; s3 += a3[l];
+  }
+  out[0] = s0; out[1] = s1; out[2] = s2; out[3] = s3;
+}
+
+// y += h[0] w[0] + h[1] w[1] + h[2] w[2] + h[3] w[3]: four weight rows, one pass over y.
+template <typename T>
+SPARSE_OPS_INLINE void axpy_rows4(const T* h, const T* const* w, T* __restrict y, int64_t n,
+                                  const T* const* next) {
+  constexpr int64_t kStep = 64 / sizeof(T);
+  const T h0 = h[0], h1 = h[1], h2 = h[2], h3 = h[3];
+  const T *__restrict w0 = w[0], *__restrict w1 = w[1], *__restrict w2 = w[2], *__restrict w3 = w[3];
+  for (int64_t i0 = 0; i0 < n; i0 += kStep) {
+    if (i0 + kStep <= n) prefetch_lines<T, 4>(next, i0, 1);
+    const int64_t i1 = std::min(n, i0 + kStep);
+#pragma omp simd
+    for (int64_t i = i0; i < i1; ++i) y[i] += h0 * w0[i] + h1 * w1[i] + h2 * w2[i] + h3 * w3[i];
+  }
 }
 
 template <typename T>
@@ -112,107 +182,154 @@ struct DecodeArgs {
   Act act;
 };
 
-// Software prefetch of the active rows kPrefetchAhead columns ahead, into L2 (locality 1:
-// prefetcht2). Measured with weights streamed from DRAM (4 weight sets cycled, N=4, keep 0.5):
-// no prefetch 1.99x over dense, ahead 1 into L1 2.05x, ahead 2 into L2 2.96x, ahead 8 2.74x.
-// Into L1, the 96 line requests of a row pair overflow the L1 miss queue and are dropped.
-// At N=1 (per-row mask, keep 0.25 and 0.5) ahead 1, 2, 4, 6 and 8 measured the same within
-// the run-to-run noise (2.1x-2.6x at keep 0.25 in each), so one distance serves every N.
-constexpr int64_t kPrefetchAhead = 2;
+// Columns are taken four at a time. Rows without a tile of four (all of them at N=1) compute
+// one input row against the group's four weight rows (dot_rows4) and add four weight rows into
+// their accumulator in one pass (axpy_rows4): four scattered rows read side by side are four
+// memory streams in flight. Tiles of four rows keep their register blocking over one weight
+// row (dot4, axpy4). Every kernel asks, line by line as it goes, for the rows of the column
+// kColGroup ahead (the rolling prefetch, prefetch_lines): the same position in the next group.
+// A plain read of the active rows (keep 0.25) of two [3072, 768] fp32 matrices, 2 threads, 16
+// weight sets cycled so every read comes from DRAM (GB/s): one row at a time, whole rows
+// prefetched 2 ahead 9.6-10.6; four side by side, the next four whole rows prefetched at the
+// group's start 9.7-12.0; four side by side with the rolling prefetch 15.3-16.3; a sequential
+// read of both matrices 17.6-19.9. (The kernel before column groups asked for whole rows 2
+// columns ahead, into L2: 2.96x over dense at N=4 keep 0.5 against 1.99x without prefetch.)
+constexpr int64_t kColGroup = 4;
 constexpr int64_t kPhaseBlock = 64;
 
+// Rows of weight matrix w (row length d) of the columns [k, k + nc); a group of fewer than
+// four repeats its last row (those results are not used; the row is already in L1).
 template <typename T>
-SPARSE_OPS_INLINE void prefetch_row(const T* p, int64_t n) {
-  const char* c = reinterpret_cast<const char*>(p);
-  for (int64_t b = 0; b < n * int64_t(sizeof(T)); b += 64) __builtin_prefetch(c + b, 0, 1);
+SPARSE_OPS_INLINE void group_rows(const T* w, const int64_t* idx, int64_t k, int64_t nc, int64_t d, const T** rows) {
+  for (int64_t c = 0; c < kColGroup; ++c) rows[c] = w + idx[k + std::min(c, nc - 1)] * d;
 }
 
-// Up-projection of columns [b0, b1): pre, up and the gated hidden hg of every row. Near the end
-// of the block the prefetch asks for its first down-projection rows (w2 transposed).
+// Hidden value of row n, column k (position o = n * K + k): bias, activation, w3 product, gate.
 template <typename T>
-SPARSE_OPS_INLINE void decode_up_block(const DecodeArgs<T>& A, int64_t b0, int64_t b1) {
+SPARSE_OPS_INLINE void hidden_epilogue(const DecodeArgs<T>& A, int64_t n, int64_t k, T p, const T* u) {
+  const int64_t o = n * A.K + k, j = A.idx[k];
+  p += A.b1 ? A.b1[j] : T(0);
+  A.pre[o] = p;
+  T h = act_scalar(p, A.act);
+  if (u) {
+    A.up[o] = *u;
+    h *= *u;
+  }
+  if (A.gate) h *= A.gate_per_row ? A.gate[n * A.F + j] : A.gate[j];
+  A.hg[o] = h;
+}
+
+// Up-projection of columns [b0, b1): pre, up and the gated hidden hg of every row (zeros where
+// a row does not run a column), in groups of four columns. Register blocking: tiles of four
+// rows share each weight row (dot4) when there is no row mask; the remaining rows (all of them
+// at N=1) take the group's four weight rows side by side (dot_rows4); with a row mask each row
+// computes the columns it runs. The rolling prefetch runs one group ahead; past the block it
+// asks for the phase that follows (w2 transposed: this block's down-projection rows; else the
+// next block's up-projection rows).
+template <typename T>
+SPARSE_OPS_INLINE void decode_up_block(const DecodeArgs<T>& A, int64_t b0, int64_t b1, int64_t k1) {
   const int64_t N = A.N, d = A.d, K = A.K;
-  for (int64_t k = b0; k < b1; ++k) {
-    const int64_t j = A.idx[k];
-    const T* w1j = A.w1 + j * d;
-    const T* w3j = A.w3 ? A.w3 + j * d : nullptr;
-    // Active rows are scattered, so the hardware prefetcher restarts at every row; ask for
-    // the row kPrefetchAhead columns ahead while this one is computed (near the end of the
-    // phase: the first rows of the next phase).
-    if (k + kPrefetchAhead < b1) {
-      const int64_t jn = A.idx[k + kPrefetchAhead];
-      prefetch_row(A.w1 + jn * d, d);
-      if (A.w3) prefetch_row(A.w3 + jn * d, d);
-    } else if (A.w2_transposed && b0 + k + kPrefetchAhead - b1 < b1) {
-      prefetch_row(A.w2 + A.idx[b0 + k + kPrefetchAhead - b1] * d, d);
+  // The row of w1 (w3 when `gate_w`) that column q's work reads next, for the prefetch.
+  auto ahead = [&](int64_t q, bool gate_w) -> const T* {
+    const T* w = gate_w ? A.w3 : A.w1;
+    if (q < b1 || !A.w2_transposed) return w && q < k1 ? w + A.idx[q] * d : nullptr;
+    const int64_t q2 = b0 + q - b1;  // the down-projection of this block comes next
+    return !gate_w && q2 < b1 ? A.w2 + A.idx[q2] * d : nullptr;
+  };
+  for (int64_t k = b0; k < b1; k += kColGroup) {
+    const int64_t nc = std::min(kColGroup, b1 - k);
+    const T* r1[kColGroup];
+    const T* r3[kColGroup];
+    const T* n1[kColGroup];
+    const T* n3[kColGroup];
+    group_rows(A.w1, A.idx, k, nc, d, r1);
+    if (A.w3) group_rows(A.w3, A.idx, k, nc, d, r3);
+    for (int64_t c = 0; c < kColGroup; ++c) {
+      n1[c] = ahead(k + kColGroup + c, false);
+      n3[c] = ahead(k + kColGroup + c, true);
     }
-    int64_t n = 0;
-    if (!A.row_mask) {
-      // Tiles of four rows (every row runs every column when there is no row mask).
-      for (; n + 4 <= N; n += 4) {
-        T p[4], u[4], h[4];
-        dot4(w1j, A.x + n * d, d, p);
-        if (w3j) dot4(w3j, A.x + n * d, d, u);
-        for (int r = 0; r < 4; ++r) {
-          const int64_t o = (n + r) * K + k;
-          p[r] += A.b1 ? A.b1[j] : T(0);
-          A.pre[o] = p[r];
-          h[r] = act_scalar(p[r], A.act);
-          if (w3j) {
-            A.up[o] = u[r];
-            h[r] *= u[r];
+    if (A.row_mask) {
+      for (int64_t c = 0; c < nc; ++c) {
+        bool first = true;  // the first row that runs the column does its prefetch
+        for (int64_t n = 0; n < N; ++n) {
+          const int64_t o = n * K + k + c;
+          if (!A.row_mask[o]) {
+            A.pre[o] = T(0);
+            if (A.w3) A.up[o] = T(0);
+            A.hg[o] = T(0);
+            continue;
           }
-          if (A.gate) h[r] *= A.gate_per_row ? A.gate[(n + r) * A.F + j] : A.gate[j];
-          A.hg[o] = h[r];
+          const T* xn = A.x + n * d;
+          T u = A.w3 ? dot(xn, r3[c], d, first ? n3[c] : nullptr) : T(0);
+          hidden_epilogue(A, n, k + c, dot(xn, r1[c], d, first ? n1[c] : nullptr), A.w3 ? &u : nullptr);
+          first = false;
         }
       }
+      continue;
     }
-    for (; n < N; ++n) {
-      const int64_t o = n * K + k;
-      if (A.row_mask && !A.row_mask[o]) {
-        A.pre[o] = T(0);
-        if (w3j) A.up[o] = T(0);
-        A.hg[o] = T(0);
-        continue;
+    for (int64_t c = 0; c < nc && N >= 4; ++c) {
+      for (int64_t n = 0; n + 4 <= N; n += 4) {
+        T p[4], u[4];
+        dot4(r1[c], A.x + n * d, d, p, n == 0 ? n1[c] : nullptr);
+        if (A.w3) dot4(r3[c], A.x + n * d, d, u, n == 0 ? n3[c] : nullptr);
+        for (int r = 0; r < 4; ++r) hidden_epilogue(A, n + r, k + c, p[r], A.w3 ? u + r : nullptr);
       }
-      const T* xn = A.x + n * d;
-      T p = dot(xn, w1j, d) + (A.b1 ? A.b1[j] : T(0));
-      T h = act_scalar(p, A.act);
-      A.pre[o] = p;
-      if (w3j) {
-        T u = dot(xn, w3j, d);
-        A.up[o] = u;
-        h *= u;
-      }
-      if (A.gate) h *= A.gate_per_row ? A.gate[n * A.F + j] : A.gate[j];
-      A.hg[o] = h;
+    }
+    for (int64_t n = N / 4 * 4; n < N; ++n) {
+      T p[kColGroup], u[kColGroup];
+      const bool first = n == 0;  // with tiles of rows before, the tiles asked already
+      dot_rows4(A.x + n * d, r1, d, p, first ? n1 : nullptr);
+      if (A.w3) dot_rows4(A.x + n * d, r3, d, u, first ? n3 : nullptr);
+      for (int64_t c = 0; c < nc; ++c) hidden_epilogue(A, n, k + c, p[c], A.w3 ? u + c : nullptr);
     }
   }
 }
 
-// Down-projection of columns [b0, b1) (w2 transposed): acc[n] += hg[n, k] * w2[idx[k]]. Near the
-// end of the block the prefetch asks for the first up-projection rows of the next one (< k1).
+// Down-projection of columns [b0, b1) (w2 transposed): acc[n] += hg[n, k] * w2[idx[k]], in
+// groups of four columns: tiles of four rows per weight row (axpy4) without a row mask, the
+// remaining rows four weight rows at once (axpy_rows4); with a row mask only the columns a row
+// runs (skipped, not multiplied by 0: an inf or NaN in their weight row must not reach the
+// output). The rolling prefetch runs one group ahead; past the block it asks for the next
+// block's first up-projection rows (w1 only).
 template <typename T>
 SPARSE_OPS_INLINE void decode_down_block(const DecodeArgs<T>& A, int64_t b0, int64_t b1, int64_t k1) {
   const int64_t N = A.N, d = A.d, K = A.K;
-  for (int64_t k = b0; k < b1; ++k) {
-    const T* w2j = A.w2 + A.idx[k] * d;
-    if (k + kPrefetchAhead < b1) {
-      prefetch_row(A.w2 + A.idx[k + kPrefetchAhead] * d, d);
-    } else if (k + kPrefetchAhead < k1) {  // the next block's first up-projection rows
-      prefetch_row(A.w1 + A.idx[k + kPrefetchAhead] * d, d);
-      if (A.w3) prefetch_row(A.w3 + A.idx[k + kPrefetchAhead] * d, d);
+  auto ahead = [&](int64_t q) -> const T* {
+    if (q < b1) return A.w2 + A.idx[q] * d;
+    return q < k1 ? A.w1 + A.idx[q] * d : nullptr;
+  };
+  for (int64_t k = b0; k < b1; k += kColGroup) {
+    const int64_t nc = std::min(kColGroup, b1 - k);
+    const T* r2[kColGroup];
+    const T* n2[kColGroup];
+    group_rows(A.w2, A.idx, k, nc, d, r2);
+    for (int64_t c = 0; c < kColGroup; ++c) n2[c] = ahead(k + kColGroup + c);
+    if (A.row_mask) {
+      for (int64_t c = 0; c < nc; ++c) {
+        bool first = true;
+        for (int64_t n = 0; n < N; ++n) {
+          if (!A.row_mask[n * K + k + c]) continue;
+          axpy(A.hg[n * K + k + c], r2[c], A.acc + n * d, d, first ? n2[c] : nullptr);
+          first = false;
+        }
+      }
+      continue;
     }
-    int64_t n = 0;
-    if (!A.row_mask) {
-      for (; n + 4 <= N; n += 4) {
-        const T h[4] = {A.hg[n * K + k], A.hg[(n + 1) * K + k], A.hg[(n + 2) * K + k], A.hg[(n + 3) * K + k]};
-        axpy4(h, w2j, A.acc + n * d, d);
+    for (int64_t c = 0; c < nc && N >= 4; ++c) {
+      for (int64_t n = 0; n + 4 <= N; n += 4) {
+        const T h[4] = {A.hg[n * K + k + c], A.hg[(n + 1) * K + k + c], A.hg[(n + 2) * K + k + c],
+                        A.hg[(n + 3) * K + k + c]};
+        axpy4(h, r2[c], A.acc + n * d, d, n == 0 ? n2[c] : nullptr);
       }
     }
-    for (; n < N; ++n) {
-      if (A.row_mask && !A.row_mask[n * K + k]) continue;
-      axpy(A.hg[n * K + k], w2j, A.acc + n * d, d);
+    for (int64_t n = N / 4 * 4; n < N; ++n) {
+      const T* hg = A.hg + n * K + k;
+      const bool first = n == 0;
+      if (nc == kColGroup) {
+        axpy_rows4(hg, r2, A.acc + n * d, d, first ? n2 : nullptr);
+      } else {
+        for (int64_t c = 0; c < nc; ++c) axpy(hg[c], r2[c], A.acc + n * d, d, first ? n2[c] : nullptr);
+      }
     }
   }
 }
@@ -233,7 +350,7 @@ SPARSE_OPS_INLINE void decode_columns_impl(const DecodeArgs<T>& A, int64_t k0, i
   // scattered rows stream from DRAM at ~8 GB/s whatever the order.
   for (int64_t b0 = k0; b0 < k1; b0 += kPhaseBlock) {
     const int64_t b1 = std::min(k1, b0 + kPhaseBlock);
-    decode_up_block(A, b0, b1);
+    decode_up_block(A, b0, b1, k1);
     if (A.w2_transposed) decode_down_block(A, b0, b1, k1);
   }
 }
