@@ -227,12 +227,12 @@ SPARSE_OPS_INLINE void hidden_epilogue(const DecodeArgs<T>& A, int64_t n, int64_
 // asks for the phase that follows (w2 transposed: this block's down-projection rows; else the
 // next block's up-projection rows).
 template <typename T>
-SPARSE_OPS_INLINE void decode_up_block(const DecodeArgs<T>& A, int64_t b0, int64_t b1, int64_t k1) {
+SPARSE_OPS_INLINE void decode_up_block(const DecodeArgs<T>& A, int64_t b0, int64_t b1) {
   const int64_t N = A.N, d = A.d, K = A.K;
   // The row of w1 (w3 when `gate_w`) that column q's work reads next, for the prefetch.
   auto ahead = [&](int64_t q, bool gate_w) -> const T* {
     const T* w = gate_w ? A.w3 : A.w1;
-    if (q < b1 || !A.w2_transposed) return w && q < k1 ? w + A.idx[q] * d : nullptr;
+    if (q < b1 || !A.w2_transposed) return w && q < A.K ? w + A.idx[q] * d : nullptr;
     const int64_t q2 = b0 + q - b1;  // the down-projection of this block comes next
     return !gate_w && q2 < b1 ? A.w2 + A.idx[q2] * d : nullptr;
   };
@@ -292,11 +292,11 @@ SPARSE_OPS_INLINE void decode_up_block(const DecodeArgs<T>& A, int64_t b0, int64
 // output). The rolling prefetch runs one group ahead; past the block it asks for the next
 // block's first up-projection rows (w1 only).
 template <typename T>
-SPARSE_OPS_INLINE void decode_down_block(const DecodeArgs<T>& A, int64_t b0, int64_t b1, int64_t k1) {
+SPARSE_OPS_INLINE void decode_down_block(const DecodeArgs<T>& A, int64_t b0, int64_t b1) {
   const int64_t N = A.N, d = A.d, K = A.K;
   auto ahead = [&](int64_t q) -> const T* {
     if (q < b1) return A.w2 + A.idx[q] * d;
-    return q < k1 ? A.w1 + A.idx[q] * d : nullptr;
+    return q < A.K ? A.w1 + A.idx[q] * d : nullptr;
   };
   for (int64_t k = b0; k < b1; k += kColGroup) {
     const int64_t nc = std::min(kColGroup, b1 - k);
@@ -345,13 +345,13 @@ SPARSE_OPS_INLINE void decode_columns_impl(const DecodeArgs<T>& A, int64_t k0, i
   // `python -m bench --ops ffn` (weights from DRAM), before -> after over dense: N=4 shared
   // keep 0.25 4.04-4.13x -> 5.46x, keep 0.5 2.35-2.55x -> 3.33x; N=1 per-row keep 0.25
   // 2.31-2.49x -> 2.67x (noisy machine: dense itself moved 1.7 -> 2.0 ms between the runs).
-  // Block sizes 16, 64, 768 (prefetch ahead 2) and 64, 128 (ahead 4) measured the same at N=1
-  // keep 0.25 (0.58-0.60 ms side by side, each call after a dense one; dense 1.47 ms): there the
-  // scattered rows stream from DRAM at ~8 GB/s whatever the order.
+  // (Those numbers predate the column groups and the rolling prefetch.) Block size, with both,
+  // against 64 in one process, alternating call by call after a dense call (median ms): 16 is
+  // 5-7% slower at N=1 and N=4; 128 the same within 4% (N=1 keep 0.25 0.476 vs 0.469).
   for (int64_t b0 = k0; b0 < k1; b0 += kPhaseBlock) {
     const int64_t b1 = std::min(k1, b0 + kPhaseBlock);
-    decode_up_block(A, b0, b1, k1);
-    if (A.w2_transposed) decode_down_block(A, b0, b1, k1);
+    decode_up_block(A, b0, b1);
+    if (A.w2_transposed) decode_down_block(A, b0, b1);
   }
 }
 
@@ -401,8 +401,8 @@ std::tuple<Tensor, Tensor, Tensor> forward_decode(const Tensor& x, const Tensor&
   Tensor up = w3 ? at::empty({N, K}, x.options()) : x.new_empty({0});
   Tensor hg = at::empty({N, K}, x.options());
 
-  const int nthreads = w2_transposed ? at::get_num_threads() : 1;
-  Tensor acc = at::zeros({nthreads, N, d}, x.options());
+  const int nthreads = at::get_num_threads();
+  Tensor acc = at::zeros({w2_transposed ? nthreads : 1, N, d}, x.options());
 
   DecodeArgs<T> A{};
   A.x = xc.data_ptr<T>(); A.w1 = w1c.data_ptr<T>(); A.w3 = w3 ? w3c.data_ptr<T>() : nullptr;
@@ -418,11 +418,16 @@ std::tuple<Tensor, Tensor, Tensor> forward_decode(const Tensor& x, const Tensor&
     A.gate_per_row = gate_c.dim() == 2;
   }
   T* acc_base = acc.data_ptr<T>();
-  // Grain: ~64 columns of 3 KB rows per task keeps the split even on 2 threads.
-  at::parallel_for(0, K, 64, [&](int64_t k0, int64_t k1) {
+  // Each thread takes a fixed contiguous range of columns (grain ~64 columns of 3 KB rows keeps
+  // the split even on 2 threads), so what each accumulator sums, and so the output's rounding,
+  // is the same from call to call. Blocks taken from a shared counter instead were measured in
+  // one process, alternating call by call after a dense call (median ms, fixed -> counter):
+  // N=1 per-row keep 0.25 0.469 -> 0.480, N=4 shared keep 0.5 1.442 -> 1.362, N=4 per-row
+  // keep 0.5 2.422 -> 2.264: 0-7%, not worth an output that changes in its last bits between
+  // identical calls.
+  at::parallel_for(0, K, kPhaseBlock, [&](int64_t k0, int64_t k1) {
     DecodeArgs<T> L = A;
-    const int tid = w2_transposed ? at::get_thread_num() : 0;
-    L.acc = acc_base + tid * N * d;
+    L.acc = acc_base + (w2_transposed ? at::get_thread_num() : 0) * N * d;
     decode_columns(L, k0, k1);
   });
 
