@@ -455,6 +455,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_gath
     auto full = [&](bool needed, const Tensor& like, int64_t dim, const Tensor& src) {
       if (!needed) return empty;
       if (a.all && src.defined()) return src;
+      if (like.is_cpu() && like.dim() == 2 && src.defined())
+        return scatter_into_zeros(like, dim, idx, src);
       Tensor dst = at::zeros_like(like);
       scatter_cols(dst, dim, idx, src, false, false);
       return dst;

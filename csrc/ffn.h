@@ -72,6 +72,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_gath
     const Tensor& idx, const Tensor& pre, const Tensor& up, Act act, bool w2_transposed,
     bool dense_grad, const std::array<bool, 3>& need);
 
+// CPU: zeros shaped like the 2-D `like` with src's rows (dim 0) or columns (dim 1) at positions
+// idx, each element written once (csrc/cpu/ffn_cpu.cpp).
+Tensor scatter_into_zeros(const Tensor& like, int64_t dim, const Tensor& idx, const Tensor& src);
+
 #ifdef SPARSE_OPS_WITH_CUDA
 // dst.index_copy_(dim, idx, src) for CUDA tensors by the scatter kernel of csrc/cuda
 // (defined in csrc/cuda/ffn_cuda.cpp); dim 0 scatters rows, dim 1 columns of a 2-D dst.

@@ -15,6 +15,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <cstring>
 #include <vector>
 
 #include "../ffn.h"
@@ -499,6 +500,52 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gated_ffn_bac
 }
 
 }  // namespace
+
+// A tensor of zeros shaped like `like` (2-D) holding src's rows (dim 0) or columns (dim 1) at
+// the positions idx, written in one pass: each element once. (zeros_like, then index_copy_,
+// wrote the active part twice and read it once more: at::fill_ plus index_copy_ were ~7% of a
+// training step at keep 0.5, N=1024, d=768, F=3072. That step, in one process alternating
+// with the old path, medians of 16: w2 [d, F] 171.4 -> 160.4 ms, w2 transposed 149.8 -> 139.2
+// ms; gradients bitwise equal.)
+Tensor scatter_into_zeros(const Tensor& like, int64_t dim, const Tensor& idx, const Tensor& src_in) {
+  TORCH_CHECK(like.dim() == 2 && (dim == 0 || dim == 1), "gated_ffn: internal error: scatter_into_zeros on ",
+              like.dim(), "-D along dim ", dim);
+  const int64_t R = like.size(0), C = like.size(1), L = dim == 0 ? R : C;
+  const Tensor src = src_in.contiguous().to(like.scalar_type()), ic = idx.contiguous();
+  const int64_t K = ic.size(0);
+  TORCH_CHECK(src.dim() == 2 && src.size(0) == (dim == 0 ? K : R) && src.size(1) == (dim == 0 ? C : K),
+              "gated_ffn: internal error: scatter source ", src.sizes(), " for ", K, " indices into ",
+              like.sizes(), " along dim ", dim);
+  const int64_t* ip = ic.data_ptr<int64_t>();
+  std::vector<int64_t> pos(dim == 0 ? R : 0, -1);
+  for (int64_t k = 0; k < K; ++k) {
+    TORCH_CHECK(ip[k] >= 0 && ip[k] < L, "gated_ffn: idx must be in [0, ", L, "); got ", ip[k]);
+    if (dim == 0) pos[ip[k]] = k;
+  }
+  Tensor out = at::empty({R, C}, like.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "scatter_into_zeros", [&] {
+    const scalar_t* s = src.data_ptr<scalar_t>();
+    scalar_t* o = out.data_ptr<scalar_t>();
+    if (dim == 0) {
+      at::parallel_for(0, R, 64, [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; ++r) {
+          if (pos[r] >= 0) std::memcpy(o + r * C, s + pos[r] * C, C * sizeof(scalar_t));
+          else std::fill(o + r * C, o + (r + 1) * C, scalar_t(0));
+        }
+      });
+    } else {  // a row of dst (C elements) stays in L1 between its zero fill and its scatter
+      at::parallel_for(0, R, 16, [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; ++r) {
+          scalar_t* orow = o + r * C;
+          const scalar_t* srow = s + r * K;
+          std::fill(orow, orow + C, scalar_t(0));
+          for (int64_t k = 0; k < K; ++k) orow[ip[k]] = srow[k];
+        }
+      });
+    }
+  });
+  return out;
+}
 
 TORCH_LIBRARY_IMPL(sparse_ops, CPU, m) {
   m.impl("gated_ffn", &gated_ffn_cpu);
