@@ -336,6 +336,23 @@ def test_bad_layout_activation_and_backend():
         call(sparse_ops.gated_ffn, x, p, None, backend="cuda")
 
 
+@pytest.mark.parametrize("bad,match", [
+    (torch.tensor([1, 4, 29]), r"idx must be in \[0, F\) = \[0, 29\); got 29 at position 2"),
+    (torch.tensor([-1, 4]), r"idx must be in \[0, F\) = \[0, 29\); got -1 at position 0"),
+    (torch.tensor([1.0, 4.0]), "idx must be int64"),
+])
+def test_backward_op_rejects_bad_idx(bad, match):
+    # gated_ffn_backward is a public op: an idx that did not come from gated_ffn is refused
+    # before anything is indexed with it.
+    x, p = make(4)
+    m = masks(4, 29)["bool"]
+    out, idx, pre, up = torch.ops.sparse_ops.gated_ffn(x, p["w1"], p["w2"], p["b1"], p["b2"], None, m, None,
+                                                       "gelu", False, False)
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.sparse_ops.gated_ffn_backward(torch.ones_like(out), x, p["w1"], p["w2"], p["b1"], None, m,
+                                                None, bad, pre, up, "gelu", False, False, [True, True, True])
+
+
 def test_torch_backend_matches_cpp():
     x, p = make(6, w2t=True)
     m = masks(6, 29)["per_row"]

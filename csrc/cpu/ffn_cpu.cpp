@@ -495,6 +495,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gated_ffn_bac
     const OptTensor& w3, const OptTensor& active, const OptTensor& gate, const Tensor& idx,
     const Tensor& pre, const Tensor& up, std::string activation, bool w2_transposed, bool dense_grad,
     std::array<bool, 3> need) {
+  // idx comes from the forward call, but the op is public: check it before anything indexes
+  // with it (a CPU pass over K int64s).
+  const Tensor ic = idx.contiguous();
+  TORCH_CHECK(ic.scalar_type() == at::kLong && ic.dim() == 1,
+              "gated_ffn_backward: idx must be int64 [K] (saved by gated_ffn); got ", ic.scalar_type(), " ",
+              ic.sizes());
+  const int64_t F = w1.size(0);
+  const int64_t* ip = ic.data_ptr<int64_t>();
+  for (int64_t k = 0; k < ic.numel(); ++k)
+    TORCH_CHECK(ip[k] >= 0 && ip[k] < F, "gated_ffn_backward: idx must be in [0, F) = [0, ", F, "); got ", ip[k],
+                " at position ", k);
   return backward_gathered(grad_out, x, w1, w2, b1, w3, active, gate, idx, pre, up,
                            parse_activation(activation), w2_transposed, dense_grad, need);
 }
