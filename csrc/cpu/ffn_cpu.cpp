@@ -402,8 +402,8 @@ std::tuple<Tensor, Tensor, Tensor> forward_decode(const Tensor& x, const Tensor&
   Tensor up = w3 ? at::empty({N, K}, x.options()) : x.new_empty({0});
   Tensor hg = at::empty({N, K}, x.options());
 
-  const int nthreads = at::get_num_threads();
-  Tensor acc = at::zeros({w2_transposed ? nthreads : 1, N, d}, x.options());
+  const int nthreads = w2_transposed ? at::get_num_threads() : 1;
+  Tensor acc = at::zeros({nthreads, N, d}, x.options());
 
   DecodeArgs<T> A{};
   A.x = xc.data_ptr<T>(); A.w1 = w1c.data_ptr<T>(); A.w3 = w3 ? w3c.data_ptr<T>() : nullptr;
@@ -522,11 +522,12 @@ Tensor scatter_into_zeros(const Tensor& like, int64_t dim, const Tensor& idx, co
   TORCH_CHECK(like.dim() == 2 && (dim == 0 || dim == 1), "gated_ffn: internal error: scatter_into_zeros on ",
               like.dim(), "-D along dim ", dim);
   const int64_t R = like.size(0), C = like.size(1), L = dim == 0 ? R : C;
-  const Tensor src = src_in.contiguous().to(like.scalar_type()), ic = idx.contiguous();
+  const Tensor src = src_in.contiguous(), ic = idx.contiguous();
   const int64_t K = ic.size(0);
-  TORCH_CHECK(src.dim() == 2 && src.size(0) == (dim == 0 ? K : R) && src.size(1) == (dim == 0 ? C : K),
-              "gated_ffn: internal error: scatter source ", src.sizes(), " for ", K, " indices into ",
-              like.sizes(), " along dim ", dim);
+  TORCH_CHECK(src.scalar_type() == like.scalar_type() && src.dim() == 2 && src.size(0) == (dim == 0 ? K : R) &&
+                  src.size(1) == (dim == 0 ? C : K),
+              "gated_ffn: internal error: scatter source ", src.scalar_type(), " ", src.sizes(), " for ", K,
+              " indices into ", like.scalar_type(), " ", like.sizes(), " along dim ", dim);
   const int64_t* ip = ic.data_ptr<int64_t>();
   std::vector<int64_t> pos(dim == 0 ? R : 0, -1);
   for (int64_t k = 0; k < K; ++k) {
