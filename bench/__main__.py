@@ -1,4 +1,4 @@
-"""python -m bench [--ops ffn,layers,...] [--device cpu|cuda] [--quick] [--json PATH] [--plot PATH]
+"""python -m bench [--ops ffn,layers,heads] [--device cpu|cuda] [--quick] [--json PATH] [--plot PATH]
 
 Prints one row per case: dense, masked (mask-multiply) and sparse times (interleaved medians,
 side by side in one process), speedup = dense_ms / sparse_ms and the ideal 1/keep (or the
@@ -28,17 +28,7 @@ FAMILIES = {
     "ffn": "bench.ffn",
     "layers": "bench.layers",
     "heads": "bench.heads",
-    "models": "bench.models",
 }
-
-
-def _load(name):
-    try:
-        return importlib.import_module(FAMILIES[name])
-    except ModuleNotFoundError as e:
-        if e.name == FAMILIES[name]:
-            return None
-        raise
 
 
 def main(argv=None) -> int:
@@ -74,10 +64,7 @@ def main(argv=None) -> int:
     rows = []
     t0 = time.time()
     for name in names:
-        mod = _load(name)
-        if mod is None:
-            print(f"[{name}] not implemented yet: skipped")
-            continue
+        mod = importlib.import_module(FAMILIES[name])
         print(harness.header())
         grad_ctx = torch.enable_grad
         for case in mod.cases(args.device, args.quick):

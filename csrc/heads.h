@@ -1,7 +1,7 @@
 // Device-generic parts of masked_head_attention: argument checks, which (sample, head)
 // pairs run, and the attention mask brought to one [P, 1, Tq', Tk] block per running pair.
-// The device kernels (gather/scatter of pairs, the fused attention call) live in
-// csrc/cpu/heads_cpu.cpp (and, later, csrc/cuda).
+// The device kernels (gather/scatter of pairs, the attention itself) live in
+// csrc/cpu/heads_cpu.cpp and csrc/cuda/heads_cuda.cpp (+ heads_kernels.cu).
 //
 // A pair is a flat index b * H + h into [B, H]. Running pairs are sorted.
 #pragma once

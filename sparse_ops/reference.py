@@ -1,7 +1,7 @@
 """Plain-PyTorch reference of every op: the test oracle, and the `torch` backend.
 
 These compute everything (masking by multiplication/selection) and are written for
-clarity, not speed. Each follows the semantics in DESIGN.md exactly, including the
+clarity, not speed. Each follows the semantics in docs/design.md exactly, including the
 straight-through gate gradient: a unit skipped by a zero gate gets gate gradient 0
 unless dense_grad=True.
 """
@@ -10,21 +10,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-_ACTS = {
-    "gelu": F.gelu,
-    "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),
-    "relu": F.relu,
-    "silu": F.silu,
-}
+from . import activations as _acts
 
 
-def activation_fn(name: str):
-    if name not in _ACTS:
-        raise ValueError(f"activation must be one of {tuple(_ACTS)}; got {name!r}")
-    return _ACTS[name]
-
-
-def ffn_mask(active, F_: int, lead: tuple, device) -> torch.Tensor:
+def ffn_mask(active, F_: int, device) -> torch.Tensor:
     """`active` (None, int64 [K], bool [F] or bool [..., F]) as a bool mask broadcastable to [..., F]."""
     if active is None:
         return torch.ones(F_, dtype=torch.bool, device=device)
@@ -38,12 +27,12 @@ def ffn_mask(active, F_: int, lead: tuple, device) -> torch.Tensor:
 def gated_ffn(x, w1, w2, active=None, *, b1=None, b2=None, w3=None, gate=None,
               activation="gelu", w2_transposed=False, dense_grad=False):
     """F.linear(act(x w1^T + b1) [* x w3^T] * mask * gate, w2, b2), computed densely."""
-    act = activation_fn(activation)
+    act = _acts.forward(activation)
     F_ = w1.shape[0]
     h = act(F.linear(x, w1, b1))
     if w3 is not None:
         h = h * F.linear(x, w3)
-    mask = ffn_mask(active, F_, x.shape[:-1], x.device)
+    mask = ffn_mask(active, F_, x.device)
     if gate is not None:
         run = mask & (gate != 0)
         # Units a zero gate skipped contribute 0 either way (h * 0); selecting them with
@@ -79,3 +68,23 @@ def masked_head_attention(q, k, v, head_mask, *, attn_mask=None, is_causal=False
     if m.dtype == torch.bool:
         return torch.where(m, o, zero)
     return torch.where(m != 0, o * m, zero) if not dense_grad else o * m
+
+
+def gather_rows(x, idx):
+    """out[k] = x[idx[k]], zeros where idx[k] == -1 (padding)."""
+    out = x.index_select(0, idx.clamp_min(0))
+    pad = idx < 0
+    if bool(pad.any()):
+        out = out.masked_fill(pad.view(-1, *([1] * (x.dim() - 1))), 0)
+    return out
+
+
+def scatter_rows(x, idx, src, gate=None):
+    """y = x with y[idx[k]] = src[k], or x[i] + gate[k] * (src[k] - x[i]); padding rows (-1) skipped."""
+    keep = idx >= 0
+    i, s = idx[keep], src[keep]
+    if gate is not None:
+        g = gate[keep].view(-1, *([1] * (x.dim() - 1)))
+        xi = x.index_select(0, i)
+        s = xi + g * (s - xi)
+    return x.index_copy(0, i, s)

@@ -89,7 +89,8 @@ def test_dense_grad_gate():
 def test_opcheck(N):
     x, p = make(N, w2t=True, glu=True)
     args = (x, p["w1"], p["w2"], p["b1"], p["b2"], p["w3"], torch.tensor([1, 2, 30]), None, "gelu", True, False)
-    torch.library.opcheck(torch.ops.sparse_ops.gated_ffn_triton.default, args)
+    from sparse_ops.ops import registry
+    torch.library.opcheck(registry.triton_op("gated_ffn"), args)
 
 
 @pytest.mark.parametrize("N", [1, 20])

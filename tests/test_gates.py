@@ -368,7 +368,7 @@ SCORES = [0.8, -0.3, 1.2, -1.5, 0.4, -0.7, 0.1]   # gates (threshold 0): 1 0 1 0
 
 def dense_active(x, w1, w2, b1, b2, keep, act):
     """The FFN restricted to the columns in `keep`, computed directly."""
-    h = R.activation_fn(act)(F.linear(x, w1[keep], None if b1 is None else b1[keep]))
+    h = sparse_ops.activations.forward(act)(F.linear(x, w1[keep], None if b1 is None else b1[keep]))
     return F.linear(h, w2[:, keep], b2)
 
 

@@ -204,7 +204,7 @@ def test_dense_grad_gate_gradient(shared):
 
 
 def test_opcheck():
-    from sparse_ops.triton_kernels import heads as th
+    from sparse_ops.ops import registry as _reg
     B, H, Tq, Tk, D = 2, 3, 3, 4, 8
     q, k, v = qkv(B, H, Tq, Tk, D, grad=True)
     on = torch.tensor([[True, False, True], [False, True, True]])
@@ -213,7 +213,7 @@ def test_opcheck():
     pad[0, ..., -2:] = False
     for hm, am, causal, dg in ((on, pad, True, False), (gate, pad, False, True),
                                (torch.zeros(B, H, dtype=torch.bool), None, False, False)):
-        torch.library.opcheck(th.fwd_op, (q, k, v, hm, am, causal, None, dg))
+        torch.library.opcheck(_reg.triton_op("masked_head_attention"), (q, k, v, hm, am, causal, None, dg))
 
 
 def test_off_pairs_are_never_computed():
@@ -263,9 +263,9 @@ def test_errors_name_the_argument(args, match):
 
 
 def test_errors_from_the_op():
-    from sparse_ops.triton_kernels import heads as th
+    from sparse_ops.ops import registry as _reg
     q, k, v = qkv(2, 3, 5, 6, 16)
     with pytest.raises(ValueError, match=r"head_mask must be bool or have q's dtype"):
-        th.fwd_op(q, k, v, torch.ones(2, 3, dtype=D64), None, False, None, False)
+        _reg.triton_op("masked_head_attention")(q, k, v, torch.ones(2, 3, dtype=D64), None, False, None, False)
     with pytest.raises(ValueError, match=r"q must be 4-D"):
-        th.fwd_op(q[0], k, v, torch.ones(2, 3, dtype=torch.bool), None, False, None, False)
+        _reg.triton_op("masked_head_attention")(q[0], k, v, torch.ones(2, 3, dtype=torch.bool), None, False, None, False)

@@ -1,11 +1,10 @@
 """sparse_ops.gated_ffn: an FFN whose inactive hidden columns are never computed.
 
-The wrapper flattens x to [N, d], brings `active` and `gate` to the forms the
-registered op takes ([F] shared or [N, F] per row) and calls, by backend:
-  cpp / cuda -> torch.ops.sparse_ops.gated_ffn       (csrc/cpu, csrc/cuda)
-  triton     -> torch.ops.sparse_ops.gated_ffn_triton (sparse_ops/triton_kernels)
-  torch      -> sparse_ops.reference.gated_ffn        (computes everything)
-register_fake and register_autograd for the C++ op live here, beside the wrapper.
+The wrapper flattens x to [N, d], brings `active` and `gate` to the forms the registered op
+takes ([F] shared or [N, F] per row) and runs `sparse_ops::gated_ffn` on the chosen backend
+(sparse_ops/ops/registry.py: cpp / cuda -> csrc, triton -> sparse_ops/triton_kernels/ffn.py,
+torch -> sparse_ops.reference). The op's fake kernel and autograd formula are defined here,
+once, for every backend.
 """
 from __future__ import annotations
 
@@ -13,10 +12,9 @@ import math
 
 import torch
 
-from .. import backend as _backend
+from .. import activations as _acts
 from .. import reference as _reference
-
-_ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu")
+from . import registry as _registry
 
 
 def _check_tensor(t, name: str):
@@ -99,90 +97,60 @@ def gated_ffn(x, w1, w2, active=None, *, b1=None, b2=None, w3=None, gate=None,
     gradient: exact for units that ran; for skipped units 0, or exact with dense_grad=True).
     activation: 'gelu' | 'gelu_tanh' | 'relu' | 'silu'. Returns a tensor shaped like x.
     """
-    if activation not in _ACTIVATIONS:
-        raise ValueError(f"gated_ffn: activation must be one of {_ACTIVATIONS}; got {activation!r}")
+    _acts.check(activation)
     flat = _normal_already(x, w1, active, gate)
     x2, lead, active, gate = (x, None, active, gate) if flat else _normalize(x, w1, active, gate)
-    name = _backend.choose("gated_ffn", x.device, backend)
-    if name == "torch":
+    if not isinstance(w2, torch.Tensor):
         _check_tensor(w2, "w2")
-        out = _reference.gated_ffn(x2, w1, w2, active, b1=b1, b2=b2, w3=w3, gate=gate,
-                                   activation=activation, w2_transposed=w2_transposed,
-                                   dense_grad=dense_grad)
-    elif name == "triton":
-        from ..triton_kernels import ffn as _tffn
-        out = _tffn.gated_ffn(x2, w1, w2, b1, b2, w3, active, gate, activation, w2_transposed, dense_grad)
-    else:
-        args = (x2, w1, w2, b1, b2, w3, active, gate, activation, w2_transposed, dense_grad)
-        if _needs_graph(x2, w1, w2, b1, b2, w3, gate):
-            out = torch.ops.sparse_ops.gated_ffn.default(*args)[0]
-        else:
-            # Nothing to differentiate: call the kernel below the autograd layer (its Python
-            # autograd.Function wrapper was ~24 us of a ~80 us fixed cost per decode call).
-            with torch._C._AutoDispatchBelowAutograd():
-                out = torch.ops.sparse_ops.gated_ffn.default(*args)[0]
+    out = _registry.run("gated_ffn", x.device, backend, x2, w1, w2, b1, b2, w3, active, gate, activation,
+                        w2_transposed, dense_grad)
     return out if flat else out.reshape(*lead, out.shape[-1])
 
 
-def _needs_graph(*tensors) -> bool:
-    """Whether autograd must see the op: grad mode on and an input requiring grad, or tracing."""
-    if torch.compiler.is_compiling():
-        return True
-    if not torch.is_grad_enabled():
-        return False
-    return any(t is not None and t.requires_grad for t in tensors)
+# ----------------------------------------------------------------- registration
+def _fake(x, w1, w2, b1, b2, w3, active, gate, activation, w2_transposed, dense_grad):
+    N, d = x.shape
+    F_ = w1.shape[0]
+    if active is None and gate is None:
+        K = F_
+    else:
+        # K (columns that run) depends on the mask's values; bounded by F when F is static.
+        ctx = torch.library.get_ctx()
+        K = ctx.new_dynamic_size(min=0, max=F_) if isinstance(F_, int) else ctx.new_dynamic_size()
+    up = x.new_empty((N, K)) if w3 is not None else x.new_empty((0,))
+    return (x.new_empty((N, d)), x.new_empty((K,), dtype=torch.int64), x.new_empty((N, K)), up)
 
 
-# ----------------------------------------------------------------- registrations
-def _register():
-    if not _backend.has_ext():
-        return
+def _backward_fake(grad_out, x, w1, w2, b1, w3, active, gate, idx, pre, up, activation, w2_transposed,
+                   dense_grad, need):
+    e = x.new_empty((0,))
+    nx, nw, ng = need
+    return (torch.empty_like(x) if nx else e,
+            torch.empty_like(w1) if nw else e,
+            torch.empty_like(w2) if nw else e,
+            torch.empty_like(w3) if (nw and w3 is not None) else e,
+            torch.empty_like(b1) if (nw and b1 is not None) else e,
+            x.new_empty((x.shape[1],)) if nw else e,
+            torch.empty_like(gate) if (ng and gate is not None) else e)
 
-    @torch.library.register_fake("sparse_ops::gated_ffn")
-    def _(x, w1, w2, b1, b2, w3, active, gate, activation, w2_transposed, dense_grad):
-        N, d = x.shape
-        F_ = w1.shape[0]
-        if active is None and gate is None:
-            K = F_
-        else:
-            # K (columns that run) depends on the mask's values; bounded by F when F is static.
-            ctx = torch.library.get_ctx()
-            K = ctx.new_dynamic_size(min=0, max=F_) if isinstance(F_, int) else ctx.new_dynamic_size()
-        up = x.new_empty((N, K)) if w3 is not None else x.new_empty((0,))
-        return (x.new_empty((N, d)), x.new_empty((K,), dtype=torch.int64), x.new_empty((N, K)), up)
 
-    @torch.library.register_fake("sparse_ops::gated_ffn_backward")
-    def _(grad_out, x, w1, w2, b1, w3, active, gate, idx, pre, up, activation, w2_transposed,
-          dense_grad, need):
-        e = x.new_empty((0,))
-        nx, nw, ng = need
-        return (torch.empty_like(x) if nx else e,
-                torch.empty_like(w1) if nw else e,
-                torch.empty_like(w2) if nw else e,
-                torch.empty_like(w3) if (nw and w3 is not None) else e,
-                torch.empty_like(b1) if (nw and b1 is not None) else e,
-                x.new_empty((x.shape[1],)) if nw else e,
-                torch.empty_like(gate) if (ng and gate is not None) else e)
+def _setup_context(ctx, inputs, output):
+    x, w1, w2, b1, b2, w3, active, gate, activation, w2_transposed, dense_grad = inputs
+    _, idx, pre, up = output
+    ctx.save_for_backward(x, w1, w2, b1, w3, active, gate, idx, pre, up)
+    ctx.args = (activation, w2_transposed, dense_grad)
+    ctx.has = (b1 is not None, b2 is not None, w3 is not None, gate is not None)
 
-    def setup_context(ctx, inputs, output):
-        x, w1, w2, b1, b2, w3, active, gate, activation, w2_transposed, dense_grad = inputs
-        _, idx, pre, up = output
-        ctx.save_for_backward(x, w1, w2, b1, w3, active, gate, idx, pre, up)
-        ctx.activation = activation
-        ctx.w2_transposed = w2_transposed
-        ctx.dense_grad = dense_grad
-        ctx.has = (b1 is not None, b2 is not None, w3 is not None, gate is not None)
 
+def _backward(lookup):
     def backward(ctx, grad_out, _g_idx, _g_pre, _g_up):
         x, w1, w2, b1, w3, active, gate, idx, pre, up = ctx.saved_tensors
         nig = ctx.needs_input_grad
-        need_w = any(nig[i] for i in (1, 2, 3, 4, 5))
-        need = [bool(nig[0]), bool(need_w), bool(nig[7])]
+        need = [bool(nig[0]), any(bool(nig[i]) for i in (1, 2, 3, 4, 5)), bool(nig[7])]
         if grad_out is None:
             grad_out = torch.zeros((x.shape[0], x.shape[1]), dtype=x.dtype, device=x.device)
-        dx, dw1, dw2, dw3, db1, db2, dgate = torch.ops.sparse_ops.gated_ffn_backward(
-            grad_out, x, w1, w2, b1, w3, active, gate, idx, pre, up, ctx.activation,
-            ctx.w2_transposed, ctx.dense_grad, need)
+        dx, dw1, dw2, dw3, db1, db2, dgate = lookup("gated_ffn_backward")(
+            grad_out, x, w1, w2, b1, w3, active, gate, idx, pre, up, *ctx.args, need)
         has_b1, has_b2, has_w3, has_gate = ctx.has
         return (dx if nig[0] else None,
                 dw1 if nig[1] else None,
@@ -193,8 +161,24 @@ def _register():
                 None,
                 dgate if (nig[7] and has_gate) else None,
                 None, None, None)
+    return backward
 
-    torch.library.register_autograd("sparse_ops::gated_ffn", backward, setup_context=setup_context)
+
+def _triton_forward():
+    from ..triton_kernels import ffn as k
+    return k.forward
 
 
-_register()
+def _triton_backward():
+    from ..triton_kernels import ffn as k
+    return k.backward
+
+
+def _reference_forward(x, w1, w2, b1, b2, w3, active, gate, activation, w2_transposed, dense_grad):
+    return _reference.gated_ffn(x, w1, w2, active, b1=b1, b2=b2, w3=w3, gate=gate, activation=activation,
+                                w2_transposed=w2_transposed, dense_grad=dense_grad)
+
+
+_registry.define("gated_ffn", fake=_fake, setup_context=_setup_context, backward=_backward,
+                 triton=_triton_forward, reference=_reference_forward)
+_registry.define("gated_ffn_backward", fake=_backward_fake, triton=_triton_backward)

@@ -1,17 +1,17 @@
 """sparse_ops.masked_head_attention: attention whose switched-off (sample, head) pairs are never computed.
 
-The wrapper checks the arguments, brings a float head_mask to q's dtype and calls, by backend:
-  cpp / cuda -> torch.ops.sparse_ops.masked_head_attention  (csrc/cpu/heads_cpu.cpp)
-  triton     -> sparse_ops/triton_kernels/heads.py (masked_head_attention_triton)
-  torch      -> sparse_ops.reference.masked_head_attention  (computes every pair)
-register_fake and register_autograd for the C++ op live here, beside the wrapper.
+The wrapper checks the arguments, brings a float head_mask to q's dtype and runs
+`sparse_ops::masked_head_attention` on the chosen backend (sparse_ops/ops/registry.py:
+cpp / cuda -> csrc, triton -> sparse_ops/triton_kernels/heads.py, torch -> sparse_ops.reference,
+which computes every pair). The op's fake kernel and autograd formula are defined here, once,
+for every backend.
 """
 from __future__ import annotations
 
 import torch
 
-from .. import backend as _backend
 from .. import reference as _reference
+from . import registry as _registry
 
 
 def _check(q, k, v, head_mask, attn_mask):
@@ -51,18 +51,11 @@ def masked_head_attention(q, k, v, head_mask, *, attn_mask=None, is_causal=False
     _check(q, k, v, head_mask, attn_mask)
     if head_mask.is_floating_point() and head_mask.dtype != q.dtype:
         head_mask = head_mask.to(q.dtype)
-    name = _backend.choose("masked_head_attention", q.device, backend)
-    if name == "torch":
-        return _reference.masked_head_attention(q, k, v, head_mask, attn_mask=attn_mask, is_causal=is_causal,
-                                                scale=scale, dense_grad=dense_grad)
-    if name == "triton":
-        from ..triton_kernels import heads as _theads
-        return _theads.masked_head_attention(q, k, v, head_mask, attn_mask, is_causal, scale, dense_grad)
-    return torch.ops.sparse_ops.masked_head_attention(q, k, v, head_mask, attn_mask, is_causal, scale,
-                                                      dense_grad)[0]
+    return _registry.run("masked_head_attention", q.device, backend, q, k, v, head_mask, attn_mask, is_causal,
+                         scale, dense_grad)
 
 
-# ----------------------------------------------------------------- registrations
+# ----------------------------------------------------------------- registration
 def empty_bthd(q, T):
     """An empty [B, H, T, D] tensor laid out [B, T, H, D], like the kernels' outputs."""
     B, H, _, D = q.shape
@@ -73,10 +66,19 @@ def _acc(dtype):
     return dtype if dtype in (torch.float32, torch.float64) else torch.float32
 
 
-# Shared by this op and its Triton twin (sparse_ops/triton_kernels/heads.py), whose backward
-# ops take the same arguments and return the same tensors.
-def backward_fake(grad_out, q, k, v, head_mask, attn_mask, pairs, out, out_c, lse, is_causal, scale, dense_grad,
-                  need):
+def _fake(q, k, v, head_mask, attn_mask, is_causal, scale, dense_grad):
+    B, H, Tq, D = q.shape
+    n = B * H
+    P = torch.library.get_ctx().new_dynamic_size(min=0, max=n if isinstance(n, int) else None)
+    out_c = q.new_empty((P, Tq, D)) if head_mask.dtype != torch.bool else q.new_empty((0,))
+    # out in q's layout (empty_like's rule: q's strides when dense, else contiguous), as every kernel
+    # allocates it; gradients laid out [B, T, H, D].
+    return (torch.empty_like(q), q.new_empty((P,), dtype=torch.int64), out_c,
+            q.new_empty((P, Tq), dtype=_acc(q.dtype)))
+
+
+def _backward_fake(grad_out, q, k, v, head_mask, attn_mask, pairs, out, out_c, lse, is_causal, scale, dense_grad,
+                   need):
     e = q.new_empty((0,))
     gated = head_mask.dtype != torch.bool
     return (empty_bthd(q, q.shape[2]) if need[0] else e, empty_bthd(q, k.shape[2]) if need[1] else e,
@@ -84,15 +86,14 @@ def backward_fake(grad_out, q, k, v, head_mask, attn_mask, pairs, out, out_c, ls
             torch.empty_like(head_mask) if (need[3] and gated) else e)
 
 
-def setup_context(ctx, inputs, output):
+def _setup_context(ctx, inputs, output):
     q, k, v, head_mask, attn_mask, is_causal, scale, dense_grad = inputs
     out, pairs, out_c, lse = output
     ctx.save_for_backward(q, k, v, head_mask, attn_mask, pairs, out, out_c, lse)
     ctx.args = (is_causal, scale, dense_grad)
 
 
-def autograd_backward(bwd_op):
-    """The autograd formula of a forward op whose gradients come from bwd_op."""
+def _backward(lookup):
     def backward(ctx, grad_out, _g_pairs, _g_out_c, _g_lse):
         q, k, v, head_mask, attn_mask, pairs, out, out_c, lse = ctx.saved_tensors
         nig = ctx.needs_input_grad
@@ -100,30 +101,28 @@ def autograd_backward(bwd_op):
         need = [bool(nig[0]), bool(nig[1]), bool(nig[2]), bool(nig[3]) and gated]
         if grad_out is None:
             grad_out = torch.zeros_like(q)
-        dq, dk, dv, dm = bwd_op(grad_out, q, k, v, head_mask, attn_mask, pairs, out, out_c, lse, *ctx.args, need)
+        dq, dk, dv, dm = lookup("masked_head_attention_backward")(
+            grad_out, q, k, v, head_mask, attn_mask, pairs, out, out_c, lse, *ctx.args, need)
         return (dq if need[0] else None, dk if need[1] else None, dv if need[2] else None,
                 dm if need[3] else None, None, None, None, None)
     return backward
 
 
-def _register():
-    if not _backend.has_ext():
-        return
-
-    @torch.library.register_fake("sparse_ops::masked_head_attention")
-    def _(q, k, v, head_mask, attn_mask, is_causal, scale, dense_grad):
-        B, H, Tq, D = q.shape
-        n = B * H
-        P = torch.library.get_ctx().new_dynamic_size(min=0, max=n if isinstance(n, int) else None)
-        out_c = q.new_empty((P, Tq, D)) if head_mask.dtype != torch.bool else q.new_empty((0,))
-        return (torch.empty_like(q), q.new_empty((P,), dtype=torch.int64), out_c,
-                q.new_empty((P, Tq), dtype=_acc(q.dtype)))
-
-    torch.library.register_fake("sparse_ops::masked_head_attention_backward", backward_fake)
-    torch.library.register_autograd(
-        "sparse_ops::masked_head_attention",
-        autograd_backward(torch.ops.sparse_ops.masked_head_attention_backward),
-        setup_context=setup_context)
+def _triton_forward():
+    from ..triton_kernels import heads as k
+    return k.forward
 
 
-_register()
+def _triton_backward():
+    from ..triton_kernels import heads as k
+    return k.backward
+
+
+def _reference_forward(q, k, v, head_mask, attn_mask, is_causal, scale, dense_grad):
+    return _reference.masked_head_attention(q, k, v, head_mask, attn_mask=attn_mask, is_causal=is_causal,
+                                            scale=scale, dense_grad=dense_grad)
+
+
+_registry.define("masked_head_attention", fake=_fake, setup_context=_setup_context, backward=_backward,
+                 triton=_triton_forward, reference=_reference_forward)
+_registry.define("masked_head_attention_backward", fake=_backward_fake, triton=_triton_backward)

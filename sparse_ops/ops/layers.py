@@ -2,120 +2,85 @@
 
 Kept rows are compacted with `gather_rows`, the layer runs once on the compact batch, and
 `scatter_rows` writes its output back (blending with a gate); skipped rows are never fed
-to the layer and pass through unchanged. Row ops:
-  cpp / cuda -> torch.ops.sparse_ops.gather_rows / scatter_rows (csrc/cpu, csrc/cuda)
-  triton     -> sparse_ops/triton_kernels/rows.py
-  torch      -> the same formulas with index_select / index_copy (reference fallback)
-register_fake and register_autograd for the row ops live here.
+to the layer and pass through unchanged. The row ops run on the chosen backend
+(sparse_ops/ops/registry.py: cpp / cuda -> csrc, triton -> sparse_ops/triton_kernels/rows.py,
+torch -> sparse_ops.reference); their fakes and autograd formulas are defined here.
 """
 from __future__ import annotations
 
 import torch
 
-from .. import backend as _backend
+from .. import reference as _reference
+from . import registry as _registry
 
 
 # ----------------------------------------------------------------- row ops
-def _rows_torch_gather(x, idx):
-    out = x.index_select(0, idx.clamp_min(0))
-    pad = idx < 0
-    if bool(pad.any()):
-        out = out.masked_fill(pad.view(-1, *([1] * (x.dim() - 1))), 0)
-    return out
-
-
-def _rows_torch_scatter(x, idx, src, gate):
-    keep = idx >= 0
-    i, s = idx[keep], src[keep]
-    if gate is not None:
-        g = gate[keep].view(-1, *([1] * (x.dim() - 1)))
-        xi = x.index_select(0, i)
-        s = xi + g * (s - xi)
-    return x.index_copy(0, i, s)
-
-
 def gather_rows(x: torch.Tensor, idx: torch.Tensor, backend: str = "auto") -> torch.Tensor:
     """out[k] = x[idx[k]], zeros where idx[k] == -1 (padding). idx must not repeat a row."""
-    name = _backend.choose("gather_rows", x.device, backend)
-    if name == "torch":
-        return _rows_torch_gather(x, idx)
-    if name == "triton":
-        from ..triton_kernels import rows as _trows
-        return _trows.gather_op(x, idx)
-    return torch.ops.sparse_ops.gather_rows(x, idx)
+    return _registry.run("gather_rows", x.device, backend, x, idx)
 
 
 def scatter_rows(x: torch.Tensor, idx: torch.Tensor, src: torch.Tensor, gate: torch.Tensor | None = None,
                  backend: str = "auto") -> torch.Tensor:
     """y = x with y[idx[k]] = src[k] (or x + gate[k] * (src[k] - x) with a gate); -1 rows skipped."""
-    name = _backend.choose("scatter_rows", x.device, backend)
-    if name == "torch":
-        return _rows_torch_scatter(x, idx, src, gate)
-    if name == "triton":
-        from ..triton_kernels import rows as _trows
-        return _trows.scatter_op(x, idx, src, gate)
-    return torch.ops.sparse_ops.scatter_rows(x, idx, src, gate)
+    return _registry.run("scatter_rows", x.device, backend, x, idx, src, gate)
 
 
-# Fakes and autograd formulas shared by the C++ row ops and their Triton twins
-# (sparse_ops/triton_kernels/rows.py), which take the same arguments and return the same tensors.
-def scatter_backward_fake(grad, x, idx, src, gate, need):
+def _gather_fake(x, idx):
+    return x.new_empty((idx.shape[0], *x.shape[1:]))
+
+
+def _scatter_fake(x, idx, src, gate):
+    return torch.empty_like(x)
+
+
+def _scatter_backward_fake(grad, x, idx, src, gate, need):
     e = x.new_empty((0,))
     return (torch.empty_like(x) if need[0] else e, torch.empty_like(src) if need[1] else e,
             torch.empty_like(gate) if (need[2] and gate is not None) else e)
 
 
-def gather_setup(ctx, inputs, output):
+def _gather_setup(ctx, inputs, output):
     x, idx = inputs
     ctx.save_for_backward(idx)
     ctx.x_shape = x.shape
 
 
-def gather_autograd(scatter_op):
-    """gather's backward: the gradient rows scattered into zeros by scatter_op."""
+def _gather_backward(lookup):
+    """gather's backward: the gradient rows scattered into zeros by the same backend's scatter."""
     def backward(ctx, grad):
         (idx,) = ctx.saved_tensors
-        return scatter_op(grad.new_zeros(ctx.x_shape), idx, grad, None), None
+        return lookup("scatter_rows")(grad.new_zeros(ctx.x_shape), idx, grad, None), None
     return backward
 
 
-def scatter_setup(ctx, inputs, output):
+def _scatter_setup(ctx, inputs, output):
     x, idx, src, gate = inputs
     ctx.save_for_backward(x, idx, src, gate)
 
 
-def scatter_autograd(scatter_bwd_op):
-    """scatter's backward, computed by scatter_bwd_op."""
+def _scatter_backward(lookup):
     def backward(ctx, grad):
         x, idx, src, gate = ctx.saved_tensors
         nig = ctx.needs_input_grad
         need = [bool(nig[0]), bool(nig[2]), bool(nig[3]) and gate is not None]
-        dx, dsrc, dgate = scatter_bwd_op(grad, x, idx, src, gate, need)
+        dx, dsrc, dgate = lookup("scatter_rows_backward")(grad, x, idx, src, gate, need)
         return (dx if need[0] else None, None, dsrc if need[1] else None, dgate if need[2] else None)
     return backward
 
 
-def _register():
-    if not _backend.has_ext():
-        return
-
-    @torch.library.register_fake("sparse_ops::gather_rows")
-    def _(x, idx):
-        return x.new_empty((idx.shape[0], *x.shape[1:]))
-
-    @torch.library.register_fake("sparse_ops::scatter_rows")
-    def _(x, idx, src, gate):
-        return torch.empty_like(x)
-
-    torch.library.register_fake("sparse_ops::scatter_rows_backward", scatter_backward_fake)
-    torch.library.register_autograd("sparse_ops::gather_rows", gather_autograd(torch.ops.sparse_ops.scatter_rows),
-                                    setup_context=gather_setup)
-    torch.library.register_autograd("sparse_ops::scatter_rows",
-                                    scatter_autograd(torch.ops.sparse_ops.scatter_rows_backward),
-                                    setup_context=scatter_setup)
+def _triton(name):
+    def load():
+        from ..triton_kernels import rows as k
+        return getattr(k, name)
+    return load
 
 
-_register()
+_registry.define("gather_rows", fake=_gather_fake, setup_context=_gather_setup, backward=_gather_backward,
+                 triton=_triton("gather"), reference=_reference.gather_rows, tuple_out=False)
+_registry.define("scatter_rows", fake=_scatter_fake, setup_context=_scatter_setup, backward=_scatter_backward,
+                 triton=_triton("scatter"), reference=_reference.scatter_rows, tuple_out=False)
+_registry.define("scatter_rows_backward", fake=_scatter_backward_fake, triton=_triton("scatter_backward"))
 
 
 # ----------------------------------------------------------------- skip_layer

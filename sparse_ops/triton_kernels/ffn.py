@@ -15,21 +15,18 @@ into the tile loads, nothing is copied), plus a per-row gather-GEMV for decode:
                 output with atomics (split over columns). Only active rows of w1/w3/w2t are read.
 Elementwise work (activation and its derivative, gate, per-row where) stays in torch.
 
-Registration: on a GPU the launchers are `torch.library.triton_op` + `wrap_triton`, so
-torch.compile sees the kernels. In the interpreter a triton_op's body runs on fake tensors
-(fails opcheck and compile), so there they are plain `custom_op`s with `register_fake`.
+`forward` and `backward` are plain launchers taking the schema arguments of
+`sparse_ops::gated_ffn` / `gated_ffn_backward` (csrc/ops.cpp); sparse_ops/ops/registry.py
+registers them as that op's Triton twin, with its fake kernel and autograd formula.
 """
 from __future__ import annotations
-
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-from .. import reference as _reference
-
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+from .. import activations as _acts
+from ._common import acc as _acc, blocks as _blocks, launch as _launch, require_device, upcast as _upcast
 
 
 # ------------------------------------------------------------------ kernels
@@ -182,26 +179,6 @@ def _rowmask_gemv(x_ptr, w1_ptr, w3_ptr, w2t_ptr, b1_ptr, idx_ptr, rm_ptr, gate_
 
 
 # ------------------------------------------------------------------ launchers
-def _blocks(n, lo=16, hi=64):
-    return max(lo, min(hi, triton.next_power_of_2(max(int(n), 1))))
-
-
-def _upcast(t):
-    # Half types multiply in their own precision on the GPU (fp32 accumulate); the
-    # interpreter has no bf16 arithmetic, so there they are upcast first.
-    return INTERPRET and t.dtype in (torch.float16, torch.bfloat16)
-
-
-def _acc(t):
-    return tl.float64 if t.dtype == torch.float64 else tl.float32
-
-
-def _launch(kernel, grid, *args, **kw):
-    if not INTERPRET and torch.cuda.is_available():
-        kernel = torch.library.wrap_triton(kernel)
-    kernel[grid](*args, **kw)
-
-
 def gather_n_mm(a, w, idx, s_wn, s_wk, bias=None):
     M, K = a.shape
     N = idx.shape[0]
@@ -245,9 +222,6 @@ def scatter_tn(a, b, idx, out, s_oi, s_oj):
     return out
 
 
-_ACT_CODE = {"gelu": 0, "gelu_tanh": 1, "relu": 2, "silu": 3}
-
-
 def rowmask_gemv(x, w1, w3, w2t, b1, idx, row_mask, gate, activation):
     N, D = x.shape
     K = idx.shape[0]
@@ -264,21 +238,11 @@ def rowmask_gemv(x, w1, w3, w2t, b1, idx, row_mask, gate, activation):
             pre, up if w3 is not None else pre, out, N, D, w1.shape[0], K,
             gate.stride(0) if (gate is not None and gate.dim() == 2) else 0,
             HAS_W3=w3 is not None, HAS_B1=b1 is not None, HAS_RM=rm is not None,
-            HAS_GATE=gate is not None, ACT=_ACT_CODE[activation], ACC=_acc(x), BK=BK, BD=BD)
+            HAS_GATE=gate is not None, ACT=_acts.CODE[activation], ACC=_acc(x), BK=BK, BD=BD)
     return out.to(x.dtype), pre, up
 
 
 # ------------------------------------------------------------------ the op
-def _act_backward(grad, pre, activation):
-    if activation == "gelu":
-        return torch.ops.aten.gelu_backward(grad, pre)
-    if activation == "gelu_tanh":
-        return torch.ops.aten.gelu_backward(grad, pre, approximate="tanh")
-    if activation == "relu":
-        return torch.ops.aten.threshold_backward(grad, pre, 0)
-    return torch.ops.aten.silu_backward(grad, pre)
-
-
 def _effective_mask(N, F_, active, gate, device, include_gate=True):
     if active is None:
         m = None
@@ -314,8 +278,7 @@ def _w2_strides(w2, w2_transposed):
 
 
 def _check(x, w1, w2, b1, b2, w3, active, gate, activation, w2_transposed):
-    if not (x.is_cuda or INTERPRET):
-        raise RuntimeError("gated_ffn (triton): needs CUDA tensors, or TRITON_INTERPRET=1 for CPU tensors")
+    require_device(x, "gated_ffn")
     N, d = x.shape
     F_ = w1.shape[0]
     exp_w2 = (F_, d) if w2_transposed else (d, F_)
@@ -334,11 +297,11 @@ def _check(x, w1, w2, b1, b2, w3, active, gate, activation, w2_transposed):
         if lo < 0 or hi >= F_:
             raise ValueError(f"gated_ffn (triton): active indices must be in [0, F) = [0, {F_}); "
                              f"got min {lo}, max {hi}")
-    if activation not in _ACT_CODE:
-        raise ValueError(f"gated_ffn (triton): activation must be one of {tuple(_ACT_CODE)}; got {activation!r}")
+    _acts.check(activation, "gated_ffn (triton)")
 
 
-def _forward(x, w1, w2, b1, b2, w3, active, gate, activation, w2_transposed, dense_grad):
+def forward(x, w1, w2, b1, b2, w3, active, gate, activation, w2_transposed, dense_grad):
+    """sparse_ops::gated_ffn on the Triton kernels: (out, idx, pre, up)."""
     _check(x, w1, w2, b1, b2, w3, active, gate, activation, w2_transposed)
     x = x.contiguous()
     N, d = x.shape
@@ -352,7 +315,7 @@ def _forward(x, w1, w2, b1, b2, w3, active, gate, activation, w2_transposed, den
         return out, idx, pre, up
     pre = gather_n_mm(x, w1, idx, w1.stride(0), w1.stride(1), bias=b1)
     up = gather_n_mm(x, w3, idx, w3.stride(0), w3.stride(1)) if w3 is not None else x.new_empty(0)
-    h = _reference.activation_fn(activation)(pre)
+    h = _acts.forward(activation)(pre)
     if w3 is not None:
         h = h * up
     if gate_a is not None:
@@ -364,8 +327,9 @@ def _forward(x, w1, w2, b1, b2, w3, active, gate, activation, w2_transposed, den
     return out, idx, pre, up
 
 
-def _backward(grad_out, x, w1, w2, b1, w3, active, gate, idx, pre, up, activation, w2_transposed,
-              dense_grad, need):
+def backward(grad_out, x, w1, w2, b1, w3, active, gate, idx, pre, up, activation, w2_transposed,
+             dense_grad, need):
+    """sparse_ops::gated_ffn_backward on the Triton kernels."""
     x = x.contiguous()
     grad_out = grad_out.contiguous()
     N, d = x.shape
@@ -379,13 +343,13 @@ def _backward(grad_out, x, w1, w2, b1, w3, active, gate, idx, pre, up, activatio
 
     s_k, s_e = _w2_strides(w2, w2_transposed)
     dhg = gather_n_mm(grad_out, w2, idx, s_k, s_e)              # [N, K]
-    act_v = _reference.activation_fn(activation)(pre)
+    act_v = _acts.forward(activation)(pre)
     h = act_v * up if w3 is not None else act_v
     dgate = x.new_empty(0)
     if need_g:
         dgate = torch.zeros_like(gate)
         if dense_grad:
-            hf = _reference.activation_fn(activation)(torch.nn.functional.linear(x, w1, b1))
+            hf = _acts.forward(activation)(torch.nn.functional.linear(x, w1, b1))
             if w3 is not None:
                 hf = hf * torch.nn.functional.linear(x, w3)
             w2n = w2.t() if w2_transposed else w2
@@ -414,7 +378,7 @@ def _backward(grad_out, x, w1, w2, b1, w3, active, gate, idx, pre, up, activatio
         if w3 is not None:
             dup = masked(dh * act_v).contiguous()
             dact = dh * up
-        dpre = masked(_act_backward(dact, pre, activation)).contiguous()
+        dpre = masked(_acts.backward(dact, pre, activation)).contiguous()
         if need_x:
             dx = gather_k_mm(dpre, w1, idx, w1.stride(0), w1.stride(1), d)
             if w3 is not None:
@@ -426,73 +390,3 @@ def _backward(grad_out, x, w1, w2, b1, w3, active, gate, idx, pre, up, activatio
             if b1 is not None:
                 db1 = torch.zeros_like(b1).index_copy_(0, idx, dpre.sum(0))
     return dx, dw1, dw2, dw3, db1, db2, dgate
-
-
-# ------------------------------------------------------------------ registration
-_FWD = "sparse_ops::gated_ffn_triton"
-_BWD = "sparse_ops::gated_ffn_triton_backward"
-
-# Same schemas as the C++ ops (csrc/ops.cpp), so the two backends are interchangeable.
-_FWD_SCHEMA = ("(Tensor x, Tensor w1, Tensor w2, Tensor? b1, Tensor? b2, Tensor? w3, Tensor? active, "
-               "Tensor? gate, str activation, bool w2_transposed, bool dense_grad) "
-               "-> (Tensor, Tensor, Tensor, Tensor)")
-_BWD_SCHEMA = ("(Tensor grad_out, Tensor x, Tensor w1, Tensor w2, Tensor? b1, Tensor? w3, Tensor? active, "
-               "Tensor? gate, Tensor idx, Tensor pre, Tensor up, str activation, bool w2_transposed, "
-               "bool dense_grad, bool[] need) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
-
-_register = torch.library.custom_op if (INTERPRET or not torch.cuda.is_available()) else torch.library.triton_op
-_fwd_op = _register(_FWD, _forward, mutates_args=(), schema=_FWD_SCHEMA)
-_bwd_op = _register(_BWD, _backward, mutates_args=(), schema=_BWD_SCHEMA)
-
-
-@_fwd_op.register_fake
-def _(x, w1, w2, b1, b2, w3, active, gate, activation, w2_transposed, dense_grad):
-    N, d = x.shape
-    F_ = w1.shape[0]
-    if active is None and gate is None:
-        K = F_
-    else:
-        ctx = torch.library.get_ctx()
-        K = ctx.new_dynamic_size(min=0, max=F_) if isinstance(F_, int) else ctx.new_dynamic_size()
-    up = x.new_empty((N, K)) if w3 is not None else x.new_empty((0,))
-    return x.new_empty((N, d)), x.new_empty((K,), dtype=torch.int64), x.new_empty((N, K)), up
-
-
-@_bwd_op.register_fake
-def _(grad_out, x, w1, w2, b1, w3, active, gate, idx, pre, up, activation, w2_transposed, dense_grad, need):
-    e = x.new_empty((0,))
-    nx, nw, ng = need
-    return (torch.empty_like(x) if nx else e, torch.empty_like(w1) if nw else e,
-            torch.empty_like(w2) if nw else e, torch.empty_like(w3) if (nw and w3 is not None) else e,
-            torch.empty_like(b1) if (nw and b1 is not None) else e,
-            x.new_empty((x.shape[1],)) if nw else e,
-            torch.empty_like(gate) if (ng and gate is not None) else e)
-
-
-def _setup(ctx, inputs, output):
-    x, w1, w2, b1, b2, w3, active, gate, activation, w2_transposed, dense_grad = inputs
-    _, idx, pre, up = output
-    ctx.save_for_backward(x, w1, w2, b1, w3, active, gate, idx, pre, up)
-    ctx.args = (activation, w2_transposed, dense_grad)
-    ctx.has = (b1 is not None, b2 is not None, w3 is not None, gate is not None)
-
-
-def _autograd(ctx, grad_out, _gi, _gp, _gu):
-    x, w1, w2, b1, w3, active, gate, idx, pre, up = ctx.saved_tensors
-    nig = ctx.needs_input_grad
-    need = [bool(nig[0]), any(bool(nig[i]) for i in (1, 2, 3, 4, 5)), bool(nig[7])]
-    dx, dw1, dw2, dw3, db1, db2, dgate = _bwd_op(grad_out, x, w1, w2, b1, w3, active, gate, idx, pre, up,
-                                                 *ctx.args, need)
-    has_b1, has_b2, has_w3, has_gate = ctx.has
-    return (dx if nig[0] else None, dw1 if nig[1] else None, dw2 if nig[2] else None,
-            db1 if (nig[3] and has_b1) else None, db2 if (nig[4] and has_b2) else None,
-            dw3 if (nig[5] and has_w3) else None, None, dgate if (nig[7] and has_gate) else None,
-            None, None, None)
-
-
-_fwd_op.register_autograd(_autograd, setup_context=_setup)
-
-
-def gated_ffn(x2, w1, w2, b1, b2, w3, active, gate, activation, w2_transposed, dense_grad):
-    """Entry point used by sparse_ops.gated_ffn(..., backend='triton'); x2 is [N, d]."""
-    return _fwd_op(x2, w1, w2, b1, b2, w3, active, gate, activation, w2_transposed, dense_grad)[0]

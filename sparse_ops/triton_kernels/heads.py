@@ -25,8 +25,10 @@ interpreter they are upcast to fp32 first: bf16 tl.dot there returns garbage); f
 input_precision="ieee" (no TF32), fp64 runs in fp64 throughout (tl.dot accepts fp64).
 Head dims are padded to a power of two >= 16 and masked.
 
-Registration as in ffn.py / rows.py: triton_op + wrap_triton on a GPU, custom_op with an
-explicit schema (+ register_fake) in the interpreter; register_autograd on the forward op.
+`forward` and `backward` are plain launchers taking the schema arguments of
+`sparse_ops::masked_head_attention` / `masked_head_attention_backward` (csrc/ops.cpp);
+sparse_ops/ops/registry.py registers them as that op's Triton twin, with its fake kernel and
+autograd formula.
 """
 from __future__ import annotations
 
@@ -34,8 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..ops import heads as _ops_heads
-from .ffn import INTERPRET, _launch, _upcast
+from ._common import launch as _launch, require_device, upcast as _upcast
 
 _NEG_INF = float("-inf")
 
@@ -297,9 +298,7 @@ def _bthd(q, T):
 
 
 def _check(q, k, v, head_mask, attn_mask, scale):
-    if not (q.is_cuda or INTERPRET):
-        raise RuntimeError("masked_head_attention (triton): needs CUDA tensors, or TRITON_INTERPRET=1 for CPU "
-                           "tensors")
+    require_device(q, "masked_head_attention")
     if q.dim() != 4:
         raise ValueError(f"masked_head_attention (triton): q must be 4-D [B, H, Tq, D]; got {list(q.shape)}")
     B, H, Tq, D = q.shape
@@ -386,19 +385,21 @@ def _scale(scale, D):
     return float(scale) if scale is not None else D ** -0.5
 
 
-def _forward(q, k, v, head_mask, attn_mask, is_causal, scale, dense_grad):
+def forward(q, k, v, head_mask, attn_mask, is_causal, scale, dense_grad):
+    """sparse_ops::masked_head_attention on the Triton kernels: (out, pairs, out_c, lse)."""
     _check(q, k, v, head_mask, attn_mask, scale)
     B, H, Tq, D = q.shape
     pairs, gate = _resolve(head_mask, B, H)
     P = pairs.shape[0]
-    out = _bthd(q, Tq)
+    out = torch.zeros_like(q)  # q's layout, as the C++ op (pairs that do not run stay 0)
     out_c = q.new_empty((P, Tq, D)) if gate is not None else q.new_empty((0,))
     lse = q.new_empty((P, Tq), dtype=_acc_torch(q.dtype))
     _run_fwd(q, k, v, attn_mask, is_causal, _scale(scale, D), pairs, gate, out, out_c, lse, True)
     return out, pairs, out_c, lse
 
 
-def _backward(grad_out, q, k, v, head_mask, attn_mask, pairs, out, out_c, lse, is_causal, scale, dense_grad, need):
+def backward(grad_out, q, k, v, head_mask, attn_mask, pairs, out, out_c, lse, is_causal, scale, dense_grad, need):
+    """sparse_ops::masked_head_attention_backward on the Triton kernels: (dq, dk, dv, dhead_mask)."""
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
     sc = _scale(scale, D)
@@ -456,40 +457,3 @@ def _backward(grad_out, q, k, v, head_mask, attn_mask, pairs, out, out_c, lse, i
         dbh = dflat.view(B, H)
         dm = (dbh.sum(0) if head_mask.dim() == 1 else dbh).to(head_mask.dtype)
     return dq, dk, dv, dm
-
-
-# ------------------------------------------------------------------ registration
-_FWD = "sparse_ops::masked_head_attention_triton"
-_BWD = "sparse_ops::masked_head_attention_triton_backward"
-
-# Same schemas as the C++ ops (csrc/ops.cpp), so the two backends are interchangeable.
-_FWD_SCHEMA = ("(Tensor q, Tensor k, Tensor v, Tensor head_mask, Tensor? attn_mask, bool is_causal, "
-               "float? scale, bool dense_grad) -> (Tensor, Tensor, Tensor, Tensor)")
-_BWD_SCHEMA = ("(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor head_mask, Tensor? attn_mask, "
-               "Tensor pairs, Tensor out, Tensor out_c, Tensor lse, bool is_causal, float? scale, "
-               "bool dense_grad, bool[] need) -> (Tensor, Tensor, Tensor, Tensor)")
-
-_register = torch.library.custom_op if (INTERPRET or not torch.cuda.is_available()) else torch.library.triton_op
-fwd_op = _register(_FWD, _forward, mutates_args=(), schema=_FWD_SCHEMA)
-bwd_op = _register(_BWD, _backward, mutates_args=(), schema=_BWD_SCHEMA)
-
-
-@fwd_op.register_fake
-def _(q, k, v, head_mask, attn_mask, is_causal, scale, dense_grad):
-    B, H, Tq, D = q.shape
-    n = B * H
-    ctx = torch.library.get_ctx()
-    P = ctx.new_dynamic_size(min=0, max=n) if isinstance(n, int) else ctx.new_dynamic_size()
-    out_c = q.new_empty((P, Tq, D)) if head_mask.dtype != torch.bool else q.new_empty((0,))
-    return (_ops_heads.empty_bthd(q, Tq), q.new_empty((P,), dtype=torch.int64), out_c,
-            q.new_empty((P, Tq), dtype=_acc_torch(q.dtype)))
-
-
-# The backward's fake and the autograd formula are the C++ op's (same arguments and results).
-bwd_op.register_fake(_ops_heads.backward_fake)
-fwd_op.register_autograd(_ops_heads.autograd_backward(bwd_op), setup_context=_ops_heads.setup_context)
-
-
-def masked_head_attention(q, k, v, head_mask, attn_mask, is_causal, scale, dense_grad):
-    """Entry point used by sparse_ops.masked_head_attention(..., backend='triton')."""
-    return fwd_op(q, k, v, head_mask, attn_mask, is_causal, scale, dense_grad)[0]

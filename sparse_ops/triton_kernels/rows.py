@@ -4,7 +4,9 @@ gather:   out[k] = x[idx[k]] (zeros for idx -1)                  grid (K, row bl
 scatter:  y = x; y[idx[k]] = src[k] or x + gate[k] (src[k] - x)   grid (K, row blocks), y pre-copied
 backward: dx rows (1 - gate) * grad, dsrc = gate * grad[idx], dgate[k] = sum (src - x) * grad
           one program per kept row, looping over the row in blocks (dgate needs the whole row)
-Registered like the FFN kernels: triton_op on a GPU, custom_op (+ register_fake) in the interpreter.
+`gather`, `scatter` and `scatter_backward` are plain launchers taking the schema arguments of
+`sparse_ops::gather_rows` / `scatter_rows` / `scatter_rows_backward` (csrc/ops.cpp);
+sparse_ops/ops/registry.py registers them as those ops' Triton twins.
 """
 from __future__ import annotations
 
@@ -14,8 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..ops import layers as _ops_layers
-from .ffn import INTERPRET, _acc, _launch
+from ._common import acc as _acc, launch as _launch, require_device
 
 _BLOCK = 1024
 
@@ -80,8 +81,7 @@ def _row(x):
 
 
 def _check(x, idx, src=None, gate=None):
-    if not (x.is_cuda or INTERPRET):
-        raise RuntimeError("gather_rows/scatter_rows (triton): need CUDA tensors or TRITON_INTERPRET=1")
+    require_device(x, "gather_rows/scatter_rows")
     if idx.dtype != torch.int64 or idx.dim() != 1:
         raise ValueError(f"scatter_rows (triton): idx must be int64 [K]; got {idx.dtype} {list(idx.shape)}")
     if idx.numel():
@@ -98,7 +98,8 @@ def _check(x, idx, src=None, gate=None):
         raise ValueError(f"scatter_rows (triton): gate must be [K] = [{idx.shape[0]}]; got {list(gate.shape)}")
 
 
-def _gather_impl(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+def gather(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """sparse_ops::gather_rows on the Triton kernel."""
     _check(x, idx)
     x = x.contiguous()
     K, R = idx.shape[0], _row(x)
@@ -108,7 +109,8 @@ def _gather_impl(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _scatter_impl(x, idx, src, gate):
+def scatter(x, idx, src, gate):
+    """sparse_ops::scatter_rows on the Triton kernel."""
     _check(x, idx, src, gate)
     x, src = x.contiguous(), src.contiguous()
     y = x.clone()
@@ -119,7 +121,8 @@ def _scatter_impl(x, idx, src, gate):
     return y
 
 
-def _scatter_bwd_impl(grad, x, idx, src, gate, need):
+def scatter_backward(grad, x, idx, src, gate, need):
+    """sparse_ops::scatter_rows_backward on the Triton kernel."""
     grad, x, src = grad.contiguous(), x.contiguous(), src.contiguous()
     K, R = idx.shape[0], _row(x)
     need_g = need[2] and gate is not None
@@ -131,29 +134,3 @@ def _scatter_bwd_impl(grad, x, idx, src, gate, need):
                 HAS_GATE=gate is not None, NEED_X=bool(need[0]), NEED_SRC=bool(need[1]), NEED_GATE=need_g,
                 ACC=_acc(x), BLOCK=_BLOCK)
     return dx, dsrc, dgate
-
-
-_register = torch.library.custom_op if (INTERPRET or not torch.cuda.is_available()) else torch.library.triton_op
-gather_op = _register("sparse_ops::gather_rows_triton", _gather_impl, mutates_args=(),
-                      schema="(Tensor x, Tensor idx) -> Tensor")
-scatter_op = _register("sparse_ops::scatter_rows_triton", _scatter_impl, mutates_args=(),
-                       schema="(Tensor x, Tensor idx, Tensor src, Tensor? gate) -> Tensor")
-scatter_bwd_op = _register("sparse_ops::scatter_rows_triton_backward", _scatter_bwd_impl, mutates_args=(),
-                           schema="(Tensor grad, Tensor x, Tensor idx, Tensor src, Tensor? gate, bool[] need) "
-                                  "-> (Tensor, Tensor, Tensor)")
-
-
-@gather_op.register_fake
-def _(x, idx):
-    return x.new_empty((idx.shape[0], *x.shape[1:]))
-
-
-@scatter_op.register_fake
-def _(x, idx, src, gate):
-    return torch.empty_like(x)
-
-
-# The backward's fake and the autograd formulas are the C++ row ops' (same arguments and results).
-scatter_bwd_op.register_fake(_ops_layers.scatter_backward_fake)
-gather_op.register_autograd(_ops_layers.gather_autograd(scatter_op), setup_context=_ops_layers.gather_setup)
-scatter_op.register_autograd(_ops_layers.scatter_autograd(scatter_bwd_op), setup_context=_ops_layers.scatter_setup)

@@ -1,0 +1,134 @@
+"""Where every op is registered and dispatched: one schema, one fake, one autograd formula and one
+backend -> launcher table per op, shared by the C++ kernels and their Triton twins.
+
+- Schema: TORCH_LIBRARY in csrc/ops.cpp, the only place one is written. The Triton
+  implementation of an op `name` is registered here as the twin op `name_triton` with the
+  schema text read back from the compiled library, so both take the same arguments and return
+  the same tensors (a build without the extension has no schemas, and so no Triton backend:
+  every op then runs the reference, as `SPARSE_OPS_NO_EXT=1` documents).
+- Fake kernel and autograd formula: given once per op by `define(...)` (beside the op's Python
+  wrapper in sparse_ops/ops/<op>.py) and registered on the C++ op and on its Triton twin alike.
+  An autograd formula is a factory `backward(lookup)`: `lookup(other)` returns the op `other`
+  *of the same implementation*, so the C++ forward's gradient runs the C++ backward op and the
+  Triton forward's runs the Triton one.
+- Dispatch: `launch(name, backend)` returns a callable taking the schema's arguments and
+  returning the op's first output: cpp / cuda -> torch.ops.sparse_ops.<name>, triton -> the twin
+  (registered on first use, which is when triton is first imported), torch -> the reference.
+
+The Triton twins are `torch.library.custom_op`s whose bodies call plain launchers
+(sparse_ops/triton_kernels/*: kernels only, no registration): on torch 2.11-2.14 a custom op with
+a fake kernel passes every opcheck test and torch.compile treats it as one opaque node, while a
+`triton_op` re-traces its body (the data-dependent parts of these launchers fail that) and,
+before torch 2.14, ignores the `schema=` it is given.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .. import backend as _backend
+
+
+@dataclass
+class _Spec:
+    name: str
+    fake: Callable
+    setup_context: Callable | None
+    backward: Callable | None       # factory: backward(lookup) -> autograd backward function
+    triton: Callable | None         # () -> the Triton launcher (plain function, schema arguments)
+    reference: Callable | None      # the torch backend: schema arguments -> first output
+    tuple_out: bool                 # the op returns a tuple (its first element is the user's output)
+
+
+_SPECS: dict[str, _Spec] = {}
+_TWINS: dict[str, object] = {}
+_LAUNCH: dict[tuple[str, str], Callable] = {}
+
+
+def define(name: str, *, fake: Callable, setup_context: Callable | None = None,
+           backward: Callable | None = None, triton: Callable | None = None,
+           reference: Callable | None = None, tuple_out: bool = True) -> None:
+    """Declare op `name` (its schema is csrc/ops.cpp's) and register its fake and autograd formula
+    on the C++ op when the extension is loaded. `triton` loads the Triton launcher lazily."""
+    spec = _Spec(name, fake, setup_context, backward, triton, reference, tuple_out)
+    _SPECS[name] = spec
+    if _backend.has_ext():
+        torch.library.register_fake(f"sparse_ops::{name}", fake)
+        if backward is not None:
+            torch.library.register_autograd(f"sparse_ops::{name}", backward(_cpp_op),
+                                            setup_context=setup_context)
+
+
+def _cpp_op(name: str):
+    return getattr(torch.ops.sparse_ops, name).default
+
+
+def _schema(name: str) -> str:
+    """The argument and return list of op `name` as csrc/ops.cpp declares it."""
+    s = str(_cpp_op(name)._schema)
+    return s[s.index("("):]
+
+
+def triton_op(name: str):
+    """The Triton twin of op `name` (`torch.ops.sparse_ops.<name>_triton`), registered on first use."""
+    op = _TWINS.get(name)
+    if op is not None:
+        return op
+    if not _backend.has_ext():
+        raise RuntimeError(f"{name}: the Triton backend takes its schemas from sparse_ops._C, which is not "
+                           f"loaded ({_backend.EXT_ERROR})")
+    spec = _SPECS[name]
+    op = torch.library.custom_op(f"sparse_ops::{name}_triton", spec.triton(), mutates_args=(),
+                                 schema=_schema(name))
+    op.register_fake(spec.fake)
+    _TWINS[name] = op
+    if spec.backward is not None:
+        op.register_autograd(spec.backward(triton_op), setup_context=spec.setup_context)
+    return op
+
+
+def _needs_graph(args) -> bool:
+    """Whether autograd must see the call: grad mode on and a tensor argument requiring grad, or tracing."""
+    if torch.compiler.is_compiling():
+        return True
+    if not torch.is_grad_enabled():
+        return False
+    return any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
+
+
+def _make_launcher(name: str, backend: str) -> Callable:
+    spec = _SPECS[name]
+    if backend == "torch":
+        if spec.reference is None:
+            raise RuntimeError(f"{name}: no reference implementation is registered")
+        return spec.reference
+    op = triton_op(name) if backend == "triton" else _cpp_op(name)
+    first = spec.tuple_out
+
+    def launch(*args):
+        if _needs_graph(args):
+            out = op(*args)
+        else:
+            # Nothing to differentiate: straight to the kernel, below the autograd layer (the
+            # autograd wrapper was ~24 us of a ~80 us fixed cost per gated_ffn decode call).
+            with torch._C._AutoDispatchBelowAutograd():
+                out = op(*args)
+        return out[0] if first else out
+
+    return launch
+
+
+def launch(name: str, backend: str) -> Callable:
+    """The callable that runs op `name` on `backend` ('cpp', 'cuda', 'triton' or 'torch'):
+    schema arguments in, the op's first output out."""
+    fn = _LAUNCH.get((name, backend))
+    if fn is None:
+        fn = _LAUNCH[(name, backend)] = _make_launcher(name, backend)
+    return fn
+
+
+def run(name: str, device: torch.device, backend: str | None, *args):
+    """Pick the backend for `device` (sparse_ops.backend.choose) and run op `name` on it."""
+    return launch(name, _backend.choose(name, device, backend))(*args)

@@ -1,0 +1,75 @@
+"""sparse_ops/ops/registry.py and sparse_ops/activations.py: one schema, one fake and one autograd
+formula per op, shared by the C++ op and its Triton twin; one activation table."""
+import re
+
+import pytest
+import torch
+
+import sparse_ops
+from sparse_ops import activations
+from sparse_ops.ops import registry
+
+OPS = ("gated_ffn", "gated_ffn_backward", "masked_head_attention", "masked_head_attention_backward",
+       "gather_rows", "scatter_rows", "scatter_rows_backward")
+
+
+@pytest.mark.parametrize("name", OPS)
+def test_triton_twin_has_the_cpp_schema(name):
+    cpp = getattr(torch.ops.sparse_ops, name).default._schema
+    twin = registry.triton_op(name)._opoverload._schema
+    strip = lambda s: re.sub(r"^sparse_ops::\w+", "", str(s))  # noqa: E731
+    assert strip(twin) == strip(cpp)
+    assert str(twin).startswith(f"sparse_ops::{name}_triton(")
+
+
+def test_triton_twin_is_registered_once():
+    assert registry.triton_op("gated_ffn") is registry.triton_op("gated_ffn")
+
+
+@pytest.mark.parametrize("backend", ["cpp", "torch", "triton"])
+def test_launch_runs_the_chosen_backend(backend):
+    torch.manual_seed(0)
+    x, w1, w2 = torch.randn(3, 8), torch.randn(12, 8), torch.randn(8, 12)
+    active = torch.tensor([0, 5, 11])
+    got = registry.launch("gated_ffn", backend)(x, w1, w2, None, None, None, active, None, "gelu", False, False)
+    exp = sparse_ops.reference.gated_ffn(x, w1, w2, active)
+    torch.testing.assert_close(got, exp)
+
+
+def test_launch_records_a_graph_only_when_needed():
+    x, w1, w2 = torch.randn(2, 4), torch.randn(6, 4, requires_grad=True), torch.randn(4, 6)
+    args = (None, None, None, None, None, "relu", False, False)
+    assert registry.launch("gated_ffn", "cpp")(x, w1, w2, *args).grad_fn is not None
+    with torch.no_grad():
+        assert registry.launch("gated_ffn", "cpp")(x, w1, w2, *args).grad_fn is None
+    assert registry.launch("gated_ffn", "cpp")(x, w1.detach(), w2, *args).grad_fn is None
+
+
+def test_unknown_backend_is_refused():
+    with pytest.raises(ValueError, match="backend must be one of"):
+        sparse_ops.gated_ffn(torch.randn(2, 4), torch.randn(6, 4), torch.randn(4, 6), backend="nope")
+
+
+def test_activation_table_matches_the_cpp_op():
+    # csrc parses the names itself (C++ cannot import the table): same names, same order.
+    x, w1, w2 = torch.randn(2, 4), torch.randn(6, 4), torch.randn(4, 6)
+    with pytest.raises(RuntimeError) as e:
+        torch.ops.sparse_ops.gated_ffn(x, w1, w2, None, None, None, None, None, "tanh", False, False)
+    assert re.findall(r"'(\w+)'", str(e.value).split("got")[0]) == list(activations.NAMES)
+    for name in activations.NAMES:
+        got = sparse_ops.gated_ffn(x, w1, w2, activation=name, backend="cpp")
+        exp = torch.nn.functional.linear(activations.forward(name)(x @ w1.t()), w2)
+        torch.testing.assert_close(got, exp)
+
+
+@pytest.mark.parametrize("name", activations.NAMES)
+def test_activation_backward_is_autograds(name):
+    pre = torch.randn(5, 7, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(5, 7, dtype=torch.float64)
+    (exp,) = torch.autograd.grad(activations.forward(name)(pre), pre, g)
+    torch.testing.assert_close(activations.backward(g, pre.detach(), name), exp)
+
+
+def test_activation_errors_name_the_argument():
+    with pytest.raises(ValueError, match=r"gated_ffn: activation must be one of .*'swish'"):
+        sparse_ops.gated_ffn(torch.randn(2, 4), torch.randn(6, 4), torch.randn(4, 6), activation="swish")
