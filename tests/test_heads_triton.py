@@ -4,6 +4,8 @@ mask form, causal / attn_mask / key padding, Tq != Tk, odd head dims, fully mask
 gradients (gradcheck in float64, STE gate gradient, dense_grad), opcheck, errors, and proof that
 pairs that are off are never computed. Shapes are tiny: the interpreter is ~3000x slower than eager.
 """
+import os
+
 import pytest
 import torch
 
@@ -13,6 +15,15 @@ from sparse_ops import reference as R  # noqa: E402
 from sparse_ops.ops.heads import masked_head_attention as _mha  # noqa: E402
 
 D64 = torch.float64
+# The kernels compiled for the GPU where one is visible (tests/conftest.py then leaves the
+# interpreter off), else the interpreter on CPU tensors.
+DEV = "cuda" if (torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1") else "cpu"
+
+
+@pytest.fixture(autouse=True)
+def _on_test_device():
+    with torch.device(DEV):  # factory calls without a generator make tensors on DEV
+        yield
 
 
 def mha(*args, **kw):
@@ -24,9 +35,9 @@ def qkv(B, H, Tq, Tk, D, dtype=torch.float32, layout="bhtd", seed=0, grad=False)
     out = []
     for T in (Tq, Tk, Tk):
         if layout == "bthd":  # the layout a fused QKV projection gives
-            t = torch.randn(B, T, H, D, generator=g).to(dtype).transpose(1, 2)
+            t = torch.randn(B, T, H, D, generator=g, device="cpu").to(DEV).to(dtype).transpose(1, 2)
         else:
-            t = torch.randn(B, H, T, D, generator=g).to(dtype)
+            t = torch.randn(B, H, T, D, generator=g, device="cpu").to(DEV).to(dtype)
         out.append(t.detach().requires_grad_(grad) if grad else t)
     return out
 
@@ -34,7 +45,7 @@ def qkv(B, H, Tq, Tk, D, dtype=torch.float32, layout="bhtd", seed=0, grad=False)
 def head_masks(B, H, dtype):
     g = torch.Generator().manual_seed(3)
     on = torch.tensor([[True, False, True], [False, True, False]])
-    gate = (torch.rand(B, H, generator=g) + 0.25).to(dtype)
+    gate = (torch.rand(B, H, generator=g, device="cpu").to(DEV) + 0.25).to(dtype)
     single = torch.zeros(B, H, dtype=torch.bool)
     single[1, 1] = True
     return {
@@ -52,14 +63,14 @@ def attn_masks(B, H, Tq, Tk, dtype):
     g = torch.Generator().manual_seed(1)
     pad = torch.ones(B, 1, 1, Tk, dtype=torch.bool)
     pad[1, ..., -3:] = False  # key padding of sample 1
-    full = torch.rand(B, H, Tq, Tk, generator=g) > 0.3
+    full = torch.rand(B, H, Tq, Tk, generator=g, device="cpu").to(DEV) > 0.3
     full[..., 0] = True
     fpad = torch.zeros(B, 1, 1, Tk, dtype=dtype).masked_fill(~pad, float("-inf"))
     return {
         "none": None,
         "key_padding": pad,
         "bool_full": full,
-        "float_TqTk": torch.randn(Tq, Tk, generator=g).to(dtype),
+        "float_TqTk": torch.randn(Tq, Tk, generator=g, device="cpu").to(DEV).to(dtype),
         "float_key_padding": fpad,
     }
 
@@ -80,7 +91,7 @@ def run_both(q, k, v, hm, dtype, **kw):
     h2 = hm.clone().requires_grad_(gated)
     out = mha(q, k, v, h1, **kw)
     ref = R.masked_head_attention(q, k, v, h2, **kw)
-    go = torch.randn(ref.shape, generator=torch.Generator().manual_seed(7)).to(dtype)
+    go = torch.randn(ref.shape, generator=torch.Generator().manual_seed(7), device="cpu").to(DEV).to(dtype)
     ins1 = [q, k, v] + ([h1] if gated else [])
     ins2 = [q, k, v] + ([h2] if gated else [])
     return out, ref, torch.autograd.grad(out, ins1, go), torch.autograd.grad(ref, ins2, go)
@@ -189,7 +200,7 @@ def test_dense_grad_gate_gradient(shared):
     q, k, v = qkv(B, H, Tq, Tk, D, D64)
     gz = torch.tensor([0.7, 0.0, 1.2], dtype=D64) if shared else \
         torch.tensor([[0.7, 0.0, 1.2], [0.0, 0.9, 0.4]], dtype=D64)
-    go = torch.randn(B, H, Tq, D, dtype=D64, generator=torch.Generator().manual_seed(5))
+    go = torch.randn(B, H, Tq, D, dtype=D64, generator=torch.Generator().manual_seed(5), device="cpu").to(DEV)
     pad = torch.ones(B, 1, 1, Tk, dtype=torch.bool)
     pad[0, ..., -2:] = False
     for dense in (False, True):

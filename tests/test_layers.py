@@ -11,8 +11,21 @@ import sparse_ops
 from sparse_ops.nn import LayerDrop, SkipLayer, TokenRouter
 from sparse_ops.ops.layers import gather_rows, scatter_rows
 
-BACKENDS = ["cpp", "torch", "triton"]  # triton: interpreter on CPU (tests/conftest.py)
+BACKENDS = ["cpp", "torch", "triton"]
 D64 = torch.float64
+# Triton cases run on the GPU where one is visible (tests/conftest.py then leaves the interpreter
+# off), else in the interpreter on CPU tensors.
+TRITON_DEV = "cuda" if (torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1") else "cpu"
+
+
+@pytest.fixture(autouse=True)
+def _triton_cases_on_their_device(request):
+    cs = getattr(request.node, "callspec", None)
+    if (cs is not None and cs.params.get("backend") == "triton") or "triton" in request.node.name:
+        with torch.device(TRITON_DEV):  # tensors and layers these tests make land there
+            yield
+    else:
+        yield
 
 
 class Recorder(nn.Module):

@@ -1,5 +1,6 @@
 """sparse_ops/ops/registry.py and sparse_ops/activations.py: one schema, one fake and one autograd
 formula per op, shared by the C++ op and its Triton twin; one activation table."""
+import os
 import re
 
 import pytest
@@ -29,8 +30,10 @@ def test_triton_twin_is_registered_once():
 @pytest.mark.parametrize("backend", ["cpp", "torch", "triton"])
 def test_launch_runs_the_chosen_backend(backend):
     torch.manual_seed(0)
-    x, w1, w2 = torch.randn(3, 8), torch.randn(12, 8), torch.randn(8, 12)
-    active = torch.tensor([0, 5, 11])
+    gpu_triton = backend == "triton" and torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
+    dev = "cuda" if gpu_triton else "cpu"
+    x, w1, w2 = torch.randn(3, 8, device=dev), torch.randn(12, 8, device=dev), torch.randn(8, 12, device=dev)
+    active = torch.tensor([0, 5, 11], device=dev)
     got = registry.launch("gated_ffn", backend)(x, w1, w2, None, None, None, active, None, "gelu", False, False)
     exp = sparse_ops.reference.gated_ffn(x, w1, w2, active)
     torch.testing.assert_close(got, exp)
