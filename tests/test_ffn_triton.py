@@ -113,7 +113,44 @@ def test_planted_nan_in_inactive_rows(N, w2t):
 
 def test_bad_inputs():
     x, p = make(3)
-    with pytest.raises(ValueError, match=r"active indices must be in \[0, F\)"):
+    with pytest.raises(ValueError, match=r"active indices must be distinct and in \[0, F\).*max 37"):
         run("triton", x, p, torch.tensor([0, 37]))
+    with pytest.raises(ValueError, match=r"active indices must be distinct.*min -1"):
+        run("triton", x, p, torch.tensor([-1, 3]))
+    with pytest.raises(ValueError, match=r"active indices must be distinct.*1 repeated"):
+        run("triton", x, p, torch.tensor([4, 2, 4]))
     with pytest.raises(ValueError, match=r"w2 must be \[37, 13\]"):
         run("triton", x, p, None, None, True)
+
+
+@pytest.mark.parametrize("N", [1, 3, 20])
+@pytest.mark.parametrize("shape", ["scalar", "N1", "one_F"])
+def test_broadcast_gates(N, shape):
+    # A scalar gate reaches the kernels as a stride-0 view of [F], an [N, 1] gate as a stride-0
+    # [N, F] view: the decode GEMV (N <= 16, w2 transposed) must read them through their strides.
+    x, p = make(N, w2t=True, glu=True)
+    g = {"scalar": torch.tensor(0.5, dtype=D64), "N1": torch.rand(N, 1, dtype=D64) + 0.5,
+         "one_F": torch.rand(1, 37, dtype=D64) + 0.5}[shape].to(DEV).requires_grad_()
+    out, ref = run("triton", x, p, None, g, True), run("torch", x, p, None, g, True)
+    torch.testing.assert_close(out, ref)
+    gy = torch.randn_like(out)
+    torch.testing.assert_close(torch.autograd.grad(out, g, gy)[0], torch.autograd.grad(ref, g, gy)[0])
+
+
+@pytest.mark.parametrize("N", [2, 20])
+@pytest.mark.parametrize("w2t", [False, True])
+def test_strided_weights(N, w2t):
+    # nn.Linear weights used transposed (w = W.t()), as a caller holding [d, F] storage would pass them.
+    x, p = make(N, w2t=w2t, glu=True)
+    q = dict(p)
+    for name in ("w1", "w3", "w2"):
+        q[name] = p[name].detach().t().contiguous().t().requires_grad_()
+        assert not q[name].is_contiguous()
+    a = active_forms(N)["bool"].to(DEV)
+    out, ref = run("triton", x, q, a, None, w2t), run("torch", x, p, a, None, w2t)
+    torch.testing.assert_close(out, ref)
+    gy = torch.randn_like(out)
+    got = torch.autograd.grad(out, [q["w1"], q["w2"], q["w3"]], gy)
+    exp = torch.autograd.grad(ref, [p["w1"], p["w2"], p["w3"]], gy)
+    for a_, b_ in zip(got, exp):
+        torch.testing.assert_close(a_, b_)

@@ -34,5 +34,12 @@ def acc(t: torch.Tensor):
     return tl.float64 if t.dtype == torch.float64 else tl.float32
 
 
+def precision(t: torch.Tensor) -> str:
+    """tl.dot's input_precision for t's dtype: fp32 exact ("ieee": no TF32, which sm_80+ would
+    otherwise take and which the interpreter, computing exact fp32, could never show), ignored
+    for the half types."""
+    return "ieee" if t.dtype in (torch.float32, torch.float64) else "tf32"
+
+
 def launch(kernel, grid, *args, **kw):
     kernel[grid](*args, **kw)

@@ -26,18 +26,19 @@ import triton
 import triton.language as tl
 
 from .. import activations as _acts
-from ._common import acc as _acc, blocks as _blocks, launch as _launch, require_device, upcast as _upcast
+from ._common import acc as _acc, blocks as _blocks, launch as _launch, precision as _precision, require_device, \
+    upcast as _upcast
 
 
 # ------------------------------------------------------------------ kernels
 @triton.jit
 def _gather_n_mm(a_ptr, w_ptr, idx_ptr, bias_ptr, c_ptr, M, N, K,
                  s_am, s_ak, s_wn, s_wk, s_cm, s_cn,
-                 HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
                  BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    rm = pid_m * BM + tl.arange(0, BM)
+    rm = (pid_m * BM + tl.arange(0, BM)).to(tl.int64)  # rm * s_am may pass 2^31
     rn = pid_n * BN + tl.arange(0, BN)
     rk = tl.arange(0, BK)
     m_ok = rm < M
@@ -53,7 +54,7 @@ def _gather_n_mm(a_ptr, w_ptr, idx_ptr, bias_ptr, c_ptr, M, N, K,
         if UPCAST:
             a = a.to(ACC)
             w = w.to(ACC)
-        acc += tl.dot(a, w)
+        acc += tl.dot(a, w, input_precision=PREC)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rows, mask=n_ok, other=0.0).to(ACC)[None, :]
     tl.store(c_ptr + rm[:, None] * s_cm + rn[None, :] * s_cn, acc.to(c_ptr.dtype.element_ty),
@@ -63,11 +64,11 @@ def _gather_n_mm(a_ptr, w_ptr, idx_ptr, bias_ptr, c_ptr, M, N, K,
 @triton.jit
 def _gather_k_mm(a_ptr, w_ptr, idx_ptr, bias_ptr, c_ptr, M, E, K,
                  s_am, s_ak, s_wk, s_we, s_cm, s_ce,
-                 HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
                  BM: tl.constexpr, BE: tl.constexpr, BK: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_e = tl.program_id(1)
-    rm = pid_m * BM + tl.arange(0, BM)
+    rm = (pid_m * BM + tl.arange(0, BM)).to(tl.int64)  # rm * s_am may pass 2^31
     re = pid_e * BE + tl.arange(0, BE)
     rk = tl.arange(0, BK)
     m_ok = rm < M
@@ -83,7 +84,7 @@ def _gather_k_mm(a_ptr, w_ptr, idx_ptr, bias_ptr, c_ptr, M, E, K,
         if UPCAST:
             a = a.to(ACC)
             w = w.to(ACC)
-        acc += tl.dot(a, w)
+        acc += tl.dot(a, w, input_precision=PREC)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + re, mask=e_ok, other=0.0).to(ACC)[None, :]
     tl.store(c_ptr + rm[:, None] * s_cm + re[None, :] * s_ce, acc.to(c_ptr.dtype.element_ty),
@@ -93,12 +94,12 @@ def _gather_k_mm(a_ptr, w_ptr, idx_ptr, bias_ptr, c_ptr, M, E, K,
 @triton.jit
 def _scatter_tn(a_ptr, b_ptr, idx_ptr, o_ptr, M, I, J,
                 s_am, s_ai, s_bm, s_bj, s_oi, s_oj,
-                UPCAST: tl.constexpr, ACC: tl.constexpr, BI: tl.constexpr, BJ: tl.constexpr, BM: tl.constexpr):
+                UPCAST: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, BI: tl.constexpr, BJ: tl.constexpr, BM: tl.constexpr):
     pid_i = tl.program_id(0)
     pid_j = tl.program_id(1)
     ri = pid_i * BI + tl.arange(0, BI)
     rj = pid_j * BJ + tl.arange(0, BJ)
-    rm = tl.arange(0, BM)
+    rm = tl.arange(0, BM).to(tl.int64)  # (m0 + rm) * s_am may pass 2^31
     i_ok = ri < I
     j_ok = rj < J
     acc = tl.zeros((BI, BJ), dtype=ACC)
@@ -111,7 +112,7 @@ def _scatter_tn(a_ptr, b_ptr, idx_ptr, o_ptr, M, I, J,
         if UPCAST:
             at = at.to(ACC)
             b = b.to(ACC)
-        acc += tl.dot(at, b)
+        acc += tl.dot(at, b, input_precision=PREC)
     rows = tl.load(idx_ptr + ri, mask=i_ok, other=0)
     tl.store(o_ptr + rows[:, None] * s_oi + rj[None, :] * s_oj, acc.to(o_ptr.dtype.element_ty),
              mask=i_ok[:, None] & j_ok[None, :])
@@ -134,10 +135,13 @@ def _act(v, ACT: tl.constexpr):
 
 @triton.jit
 def _rowmask_gemv(x_ptr, w1_ptr, w3_ptr, w2t_ptr, b1_ptr, idx_ptr, rm_ptr, gate_ptr,
-                  pre_ptr, up_ptr, out_ptr, N, D, F, K, s_gn,
+                  pre_ptr, up_ptr, out_ptr, N, D, F, K,
+                  s_w1n, s_w1d, s_w3n, s_w3d, s_w2n, s_w2d, s_b1, s_gn, s_gf,
                   HAS_W3: tl.constexpr, HAS_B1: tl.constexpr, HAS_RM: tl.constexpr,
                   HAS_GATE: tl.constexpr, ACT: tl.constexpr, ACC: tl.constexpr,
                   BK: tl.constexpr, BD: tl.constexpr):
+    # Weights, b1 and the gate are read through their strides (a transposed weight, a scalar
+    # gate expanded with stride 0); cols are int64, so every weight offset is 64-bit.
     pid = tl.program_id(0)
     rk = pid * BK + tl.arange(0, BK)
     k_ok = rk < K
@@ -152,27 +156,27 @@ def _rowmask_gemv(x_ptr, w1_ptr, w3_ptr, w2t_ptr, b1_ptr, idx_ptr, rm_ptr, gate_
         for d0 in range(0, D, BD):
             d_ok = (d0 + rd) < D
             xv = tl.load(x_ptr + n * D + d0 + rd, mask=d_ok, other=0.0).to(ACC)
-            w = tl.load(w1_ptr + cols[:, None] * D + (d0 + rd)[None, :],
+            w = tl.load(w1_ptr + cols[:, None] * s_w1n + (d0 + rd)[None, :] * s_w1d,
                         mask=run[:, None] & d_ok[None, :], other=0.0).to(ACC)
             p += tl.sum(w * xv[None, :], axis=1)
             if HAS_W3:
-                w3 = tl.load(w3_ptr + cols[:, None] * D + (d0 + rd)[None, :],
+                w3 = tl.load(w3_ptr + cols[:, None] * s_w3n + (d0 + rd)[None, :] * s_w3d,
                              mask=run[:, None] & d_ok[None, :], other=0.0).to(ACC)
                 u += tl.sum(w3 * xv[None, :], axis=1)
         if HAS_B1:
-            p += tl.load(b1_ptr + cols, mask=run, other=0.0).to(ACC)
+            p += tl.load(b1_ptr + cols * s_b1, mask=run, other=0.0).to(ACC)
         h = _act(p, ACT)
         if HAS_W3:
             h = h * u
         if HAS_GATE:
-            h = h * tl.load(gate_ptr + n * s_gn + cols, mask=run, other=0.0).to(ACC)
+            h = h * tl.load(gate_ptr + n * s_gn + cols * s_gf, mask=run, other=0.0).to(ACC)
         h = tl.where(run, h, 0.0)
         tl.store(pre_ptr + n * K + rk, tl.where(run, p, 0.0).to(pre_ptr.dtype.element_ty), mask=k_ok)
         if HAS_W3:
             tl.store(up_ptr + n * K + rk, tl.where(run, u, 0.0).to(up_ptr.dtype.element_ty), mask=k_ok)
         for d0 in range(0, D, BD):
             d_ok = (d0 + rd) < D
-            w2 = tl.load(w2t_ptr + cols[:, None] * D + (d0 + rd)[None, :],
+            w2 = tl.load(w2t_ptr + cols[:, None] * s_w2n + (d0 + rd)[None, :] * s_w2d,
                          mask=run[:, None] & d_ok[None, :], other=0.0).to(ACC)
             contrib = tl.sum(w2 * h[:, None], axis=0)
             tl.atomic_add(out_ptr + n * D + d0 + rd, contrib, mask=d_ok)
@@ -188,7 +192,7 @@ def gather_n_mm(a, w, idx, s_wn, s_wk, bias=None):
     BM, BN, BK = _blocks(M), _blocks(N), _blocks(K, hi=32)
     _launch(_gather_n_mm, (triton.cdiv(M, BM), triton.cdiv(N, BN)), a, w, idx,
             bias if bias is not None else a, c, M, N, K, a.stride(0), a.stride(1), s_wn, s_wk,
-            c.stride(0), c.stride(1), HAS_BIAS=bias is not None, UPCAST=_upcast(a), ACC=_acc(a), BM=BM, BN=BN, BK=BK)
+            c.stride(0), c.stride(1), HAS_BIAS=bias is not None, UPCAST=_upcast(a), ACC=_acc(a), PREC=_precision(a), BM=BM, BN=BN, BK=BK)
     return c
 
 
@@ -203,7 +207,7 @@ def gather_k_mm(a, w, idx, s_wk, s_we, E, bias=None):
     BM, BE, BK = _blocks(M), _blocks(E), _blocks(K, hi=32)
     _launch(_gather_k_mm, (triton.cdiv(M, BM), triton.cdiv(E, BE)), a, w, idx,
             bias if bias is not None else a, c, M, E, K, a.stride(0), a.stride(1), s_wk, s_we,
-            c.stride(0), c.stride(1), HAS_BIAS=bias is not None, UPCAST=_upcast(a), ACC=_acc(a), BM=BM, BE=BE, BK=BK)
+            c.stride(0), c.stride(1), HAS_BIAS=bias is not None, UPCAST=_upcast(a), ACC=_acc(a), PREC=_precision(a), BM=BM, BE=BE, BK=BK)
     return c
 
 
@@ -218,7 +222,7 @@ def scatter_tn(a, b, idx, out, s_oi, s_oj):
     BI, BJ, BM = _blocks(I), _blocks(J), _blocks(M, hi=32)
     _launch(_scatter_tn, (triton.cdiv(I, BI), triton.cdiv(J, BJ)), a, b, idx, out, M, I, J,
             a.stride(0), a.stride(1), b.stride(0), b.stride(1), s_oi, s_oj,
-            UPCAST=_upcast(a), ACC=_acc(a), BI=BI, BJ=BJ, BM=BM)
+            UPCAST=_upcast(a), ACC=_acc(a), PREC=_precision(a), BI=BI, BJ=BJ, BM=BM)
     return out
 
 
@@ -233,10 +237,14 @@ def rowmask_gemv(x, w1, w3, w2t, b1, idx, row_mask, gate, activation):
         return out.to(x.dtype), pre, up
     BK, BD = 16, _blocks(D, hi=128)
     rm = row_mask.to(torch.uint8).contiguous() if row_mask is not None else None
-    _launch(_rowmask_gemv, (triton.cdiv(K, BK),), x, w1, w3 if w3 is not None else w1, w2t,
+    w3s = w3 if w3 is not None else w1
+    _launch(_rowmask_gemv, (triton.cdiv(K, BK),), x, w1, w3s, w2t,
             b1 if b1 is not None else x, idx, rm if rm is not None else idx, gate if gate is not None else x,
             pre, up if w3 is not None else pre, out, N, D, w1.shape[0], K,
+            w1.stride(0), w1.stride(1), w3s.stride(0), w3s.stride(1), w2t.stride(0), w2t.stride(1),
+            b1.stride(0) if b1 is not None else 0,
             gate.stride(0) if (gate is not None and gate.dim() == 2) else 0,
+            gate.stride(-1) if gate is not None else 0,
             HAS_W3=w3 is not None, HAS_B1=b1 is not None, HAS_RM=rm is not None,
             HAS_GATE=gate is not None, ACT=_acts.CODE[activation], ACC=_acc(x), BK=BK, BD=BD)
     return out.to(x.dtype), pre, up
@@ -257,7 +265,12 @@ def _effective_mask(N, F_, active, gate, device, include_gate=True):
 
 
 def _resolve(N, F_, active, gate, device, idx=None):
-    """(idx [K], row_mask [N, K] or None, gate_a [K] / [N, K] or None) as in csrc/ffn.cpp."""
+    """(idx [K], row_mask [N, K] or None, gate_a [K] / [N, K] or None) as in csrc.
+
+    int64 indices without a gate: idx is the sorted indices (no host synchronisation). A bool
+    mask or a gate: one synchronisation, for the count of columns that run (nonzero)."""
+    if active is not None and active.dtype == torch.int64 and gate is None:
+        return (torch.sort(active).values if idx is None else idx), None, None
     m = _effective_mask(N, F_, active, gate, device)
     row_mask = None
     if m.dim() == 2:
@@ -292,11 +305,18 @@ def _check(x, w1, w2, b1, b2, w3, active, gate, activation, w2_transposed):
             raise ValueError(f"gated_ffn (triton): {name} must match x's dtype and device")
     if active is not None and active.dtype not in (torch.bool, torch.int64):
         raise TypeError(f"gated_ffn (triton): active must be int64 indices or a bool mask; got {active.dtype}")
-    if active is not None and active.dtype == torch.int64 and active.numel() > 0:
-        lo, hi = int(active.min()), int(active.max())
-        if lo < 0 or hi >= F_:
-            raise ValueError(f"gated_ffn (triton): active indices must be in [0, F) = [0, {F_}); "
-                             f"got min {lo}, max {hi}")
+    if active is not None and active.dtype == torch.int64:
+        if active.dim() != 1:
+            raise ValueError(f"gated_ffn (triton): active indices must be 1-D [K]; got {list(active.shape)}")
+        if active.numel() > 0:
+            srt = torch.sort(active).values
+            ok = (srt[0] >= 0) & (srt[-1] < F_) & (srt[1:] > srt[:-1]).all()
+            msg = f"gated_ffn (triton): active indices must be distinct and in [0, F) = [0, {F_})"
+            if x.is_cuda:
+                torch._assert_async(ok, msg)  # checked on the device: no host synchronisation
+            elif not bool(ok):
+                raise ValueError(f"{msg}; got min {int(srt[0])}, max {int(srt[-1])}, "
+                                 f"{int((srt[1:] == srt[:-1]).sum())} repeated")
     _acts.check(activation, "gated_ffn (triton)")
 
 
@@ -309,7 +329,7 @@ def forward(x, w1, w2, b1, b2, w3, active, gate, activation, w2_transposed, dens
     idx, row_mask, gate_a = _resolve(N, F_, active, gate, x.device)
     K = idx.shape[0]
     if 0 < N <= 16 and w2_transposed and K > 0:
-        out, pre, up = rowmask_gemv(x, w1, w3, w2.contiguous(), b1, idx, row_mask, gate, activation)
+        out, pre, up = rowmask_gemv(x, w1, w3, w2, b1, idx, row_mask, gate, activation)
         if b2 is not None:
             out = out + b2
         return out, idx, pre, up

@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import launch as _launch, require_device, upcast as _upcast
+from ._common import acc as _acc, launch as _launch, precision as _precision, require_device, upcast as _upcast
 
 _NEG_INF = float("-inf")
 
@@ -47,7 +47,7 @@ def _scores(q, k_ptr, k_base, s_kt, s_kd, am_ptr, am_base, s_amm, s_amn, rm, n0,
             HAS_AM: tl.constexpr, AM_BOOL: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
             ACC: tl.constexpr, PREC: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
     """Scaled, masked scores [BM, BN] of the query block q against keys n0 .. n0 + BN."""
-    rn = n0 + tl.arange(0, BN)
+    rn = (n0 + tl.arange(0, BN)).to(tl.int64)
     rd = tl.arange(0, BD)
     n_ok = rn < Tk
     kt = tl.load(k_ptr + k_base + rn[None, :] * s_kt + rd[:, None] * s_kd,
@@ -75,12 +75,12 @@ def _fwd(q_ptr, k_ptr, v_ptr, am_ptr, pairs_ptr, gate_ptr, out_ptr, outc_ptr, ls
          HAS_AM: tl.constexpr, AM_BOOL: tl.constexpr, CAUSAL: tl.constexpr, GATED: tl.constexpr,
          STORE_OUT: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
          BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
-    pid_m = tl.program_id(0)
-    p = tl.program_id(1)
+    p = tl.program_id(0).to(tl.int64)  # pairs on axis 0: axis 1 allows only 65535 programs
+    pid_m = tl.program_id(1)
     pair = tl.load(pairs_ptr + p)
     b = pair // H
     h = pair % H
-    rm = pid_m * BM + tl.arange(0, BM)
+    rm = (pid_m * BM + tl.arange(0, BM)).to(tl.int64)
     rd = tl.arange(0, BD)
     m_ok = rm < Tq
     d_ok = rd < D
@@ -103,7 +103,7 @@ def _fwd(q_ptr, k_ptr, v_ptr, am_ptr, pairs_ptr, gate_ptr, out_ptr, outc_ptr, ls
         pr = tl.exp(s - m_sub[:, None])
         alpha = tl.exp(m_i - m_sub)
         l_i = l_i * alpha + tl.sum(pr, axis=1)
-        rn = n0 + tl.arange(0, BN)
+        rn = (n0 + tl.arange(0, BN)).to(tl.int64)
         vv = tl.load(v_ptr + b * s_vb + h * s_vh + rn[:, None] * s_vt + rd[None, :] * s_vd,
                      mask=(rn[:, None] < Tk) & d_ok[None, :], other=0.0)
         if UPCAST:
@@ -130,12 +130,12 @@ def _bwd_pre(do_ptr, o_ptr, pairs_ptr, gate_ptr, rs_ptr, delta_ptr, H, Tq, D,
              s_gb, s_gh, s_gt, s_gd, s_ob, s_oh, s_ot, s_od,
              O_COMPACT: tl.constexpr, GATED: tl.constexpr, ACC: tl.constexpr, BM: tl.constexpr,
              BD: tl.constexpr):
-    pid_m = tl.program_id(0)
-    p = tl.program_id(1)
+    p = tl.program_id(0).to(tl.int64)  # pairs on axis 0: axis 1 allows only 65535 programs
+    pid_m = tl.program_id(1)
     pair = tl.load(pairs_ptr + p)
     b = pair // H
     h = pair % H
-    rm = pid_m * BM + tl.arange(0, BM)
+    rm = (pid_m * BM + tl.arange(0, BM)).to(tl.int64)
     rd = tl.arange(0, BD)
     ok = (rm[:, None] < Tq) & (rd[None, :] < D)
     do = tl.load(do_ptr + b * s_gb + h * s_gh + rm[:, None] * s_gt + rd[None, :] * s_gd, mask=ok, other=0.0)
@@ -159,12 +159,12 @@ def _bwd_dkdv(q_ptr, k_ptr, v_ptr, am_ptr, do_ptr, pairs_ptr, gate_ptr, lse_ptr,
               HAS_AM: tl.constexpr, AM_BOOL: tl.constexpr, CAUSAL: tl.constexpr, GATED: tl.constexpr,
               NEED_K: tl.constexpr, NEED_V: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr,
               PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
-    pid_n = tl.program_id(0)
-    p = tl.program_id(1)
+    p = tl.program_id(0).to(tl.int64)
+    pid_n = tl.program_id(1)
     pair = tl.load(pairs_ptr + p)
     b = pair // H
     h = pair % H
-    rn = pid_n * BN + tl.arange(0, BN)
+    rn = (pid_n * BN + tl.arange(0, BN)).to(tl.int64)
     rd = tl.arange(0, BD)
     nd_ok = (rn[:, None] < Tk) & (rd[None, :] < D)
     # k and v of this key block, both as [BD, BN] (transposed) for the dS K^T / dO V^T products
@@ -184,7 +184,7 @@ def _bwd_dkdv(q_ptr, k_ptr, v_ptr, am_ptr, do_ptr, pairs_ptr, gate_ptr, lse_ptr,
     if CAUSAL:
         lo = (pid_n * BN // BM) * BM
     for m0 in range(lo, Tq, BM):
-        rm = m0 + tl.arange(0, BM)
+        rm = (m0 + tl.arange(0, BM)).to(tl.int64)
         md_ok = (rm[:, None] < Tq) & (rd[None, :] < D)
         q = tl.load(q_ptr + b * s_qb + h * s_qh + rm[:, None] * s_qt + rd[None, :] * s_qd, mask=md_ok, other=0.0)
         do = tl.load(do_ptr + b * s_gb + h * s_gh + rm[:, None] * s_gt + rd[None, :] * s_gd, mask=md_ok,
@@ -228,12 +228,12 @@ def _bwd_dq(q_ptr, k_ptr, v_ptr, am_ptr, do_ptr, pairs_ptr, gate_ptr, lse_ptr, d
             HAS_AM: tl.constexpr, AM_BOOL: tl.constexpr, CAUSAL: tl.constexpr, GATED: tl.constexpr,
             UPCAST: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
             BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
-    pid_m = tl.program_id(0)
-    p = tl.program_id(1)
+    p = tl.program_id(0).to(tl.int64)  # pairs on axis 0: axis 1 allows only 65535 programs
+    pid_m = tl.program_id(1)
     pair = tl.load(pairs_ptr + p)
     b = pair // H
     h = pair % H
-    rm = pid_m * BM + tl.arange(0, BM)
+    rm = (pid_m * BM + tl.arange(0, BM)).to(tl.int64)
     rd = tl.arange(0, BD)
     md_ok = (rm[:, None] < Tq) & (rd[None, :] < D)
     q = tl.load(q_ptr + b * s_qb + h * s_qh + rm[:, None] * s_qt + rd[None, :] * s_qd, mask=md_ok, other=0.0)
@@ -254,7 +254,7 @@ def _bwd_dq(q_ptr, k_ptr, v_ptr, am_ptr, do_ptr, pairs_ptr, gate_ptr, lse_ptr, d
         s = _scores(q, k_ptr, b * s_kb + h * s_kh, s_kt, s_kd, am_ptr, b * s_amb + h * s_amh, s_amm, s_amn,
                     rm, n0, Tq, Tk, D, scale, HAS_AM, AM_BOOL, CAUSAL, UPCAST, ACC, PREC, BN, BD)
         pr = tl.exp(s - lse[:, None])
-        rn = n0 + tl.arange(0, BN)
+        rn = (n0 + tl.arange(0, BN)).to(tl.int64)
         nd_ok = (rn[:, None] < Tk) & (rd[None, :] < D)
         vt = tl.load(v_ptr + b * s_vb + h * s_vh + rn[None, :] * s_vt + rd[:, None] * s_vd,
                      mask=(rd[:, None] < D) & (rn[None, :] < Tk), other=0.0)
@@ -270,17 +270,8 @@ def _bwd_dq(q_ptr, k_ptr, v_ptr, am_ptr, do_ptr, pairs_ptr, gate_ptr, lse_ptr, d
 
 
 # ------------------------------------------------------------------ launchers
-def _acc_tl(dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
 def _acc_torch(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _prec(dtype):
-    # fp32: no TF32 (results match the fp32 reference to ~1e-6); ignored for the other types
-    return "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
 
 
 def _blocks(Tq, Tk, D):
@@ -373,11 +364,11 @@ def _run_fwd(q, k, v, attn_mask, is_causal, scale, pairs, gate, out, out_c, lse,
     BM, BN, BD = _blocks(Tq, Tk, D)
     am, s_am, has_am, am_bool = _am_args(attn_mask, q, Tk)
     o = out if store_out else q
-    _launch(_fwd, (triton.cdiv(Tq, BM), P), q, k, v, am, pairs, gate if gate is not None else q, o,
+    _launch(_fwd, (P, triton.cdiv(Tq, BM)), q, k, v, am, pairs, gate if gate is not None else q, o,
             out_c if gate is not None else q, lse, H, Tq, Tk, D, scale,
             *q.stride(), *k.stride(), *v.stride(), *s_am, *o.stride(),
             HAS_AM=has_am, AM_BOOL=am_bool, CAUSAL=bool(is_causal), GATED=gate is not None,
-            STORE_OUT=bool(store_out), UPCAST=_upcast(q), ACC=_acc_tl(q.dtype), PREC=_prec(q.dtype),
+            STORE_OUT=bool(store_out), UPCAST=_upcast(q), ACC=_acc(q), PREC=_precision(q),
             BM=BM, BN=BN, BD=BD)
 
 
@@ -419,20 +410,20 @@ def backward(grad_out, q, k, v, head_mask, attn_mask, pairs, out, out_c, lse, is
     delta = torch.zeros((P, Tq), dtype=acc_t, device=q.device)
     if P and Tq and Tk:
         o = out_c if gated else out
-        _launch(_bwd_pre, (triton.cdiv(Tq, BM), P), grad_out, o, pairs, gate if gated else q, rs, delta, H, Tq, D,
+        _launch(_bwd_pre, (P, triton.cdiv(Tq, BM)), grad_out, o, pairs, gate if gated else q, rs, delta, H, Tq, D,
                 *grad_out.stride(), *(out.stride() if not gated else (0, 0, 0, 0)),
-                O_COMPACT=gated, GATED=gated, ACC=_acc_tl(q.dtype), BM=BM, BD=BD)
+                O_COMPACT=gated, GATED=gated, ACC=_acc(q), BM=BM, BD=BD)
         am, s_am, has_am, am_bool = _am_args(attn_mask, q, Tk)
         common = dict(HAS_AM=has_am, AM_BOOL=am_bool, CAUSAL=bool(is_causal), GATED=gated,
-                      UPCAST=_upcast(q), ACC=_acc_tl(q.dtype), PREC=_prec(q.dtype), BM=BM, BN=BN, BD=BD)
+                      UPCAST=_upcast(q), ACC=_acc(q), PREC=_precision(q), BM=BM, BN=BN, BD=BD)
         if need_k or need_v:
             dst = dk if need_k else dv
-            _launch(_bwd_dkdv, (triton.cdiv(Tk, BN), P), q, k, v, am, grad_out, pairs, gate if gated else q, lse,
+            _launch(_bwd_dkdv, (P, triton.cdiv(Tk, BN)), q, k, v, am, grad_out, pairs, gate if gated else q, lse,
                     delta, dk if need_k else dst, dv if need_v else dst, H, Tq, Tk, D, sc,
                     *q.stride(), *k.stride(), *v.stride(), *s_am, *grad_out.stride(), *dst.stride(),
                     NEED_K=need_k, NEED_V=need_v, **common)
         if need_q:
-            _launch(_bwd_dq, (triton.cdiv(Tq, BM), P), q, k, v, am, grad_out, pairs, gate if gated else q, lse,
+            _launch(_bwd_dq, (P, triton.cdiv(Tq, BM)), q, k, v, am, grad_out, pairs, gate if gated else q, lse,
                     delta, dq, H, Tq, Tk, D, sc,
                     *q.stride(), *k.stride(), *v.stride(), *s_am, *grad_out.stride(), *dq.stride(), **common)
     if need_m:
@@ -450,9 +441,9 @@ def backward(grad_out, q, k, v, head_mask, attn_mask, pairs, out, out_c, lse, is
                 lse_s = q.new_empty((S, Tq), dtype=acc_t)
                 _run_fwd(q, k, v, attn_mask, is_causal, sc, skipped, ones, q, oc, lse_s, False)
                 rs_s = torch.zeros((S, Tq), dtype=acc_t, device=q.device)
-                _launch(_bwd_pre, (triton.cdiv(Tq, BM), S), grad_out, oc, skipped, ones, rs_s, torch.empty_like(rs_s),
+                _launch(_bwd_pre, (S, triton.cdiv(Tq, BM)), grad_out, oc, skipped, ones, rs_s, torch.empty_like(rs_s),
                         H, Tq, D, *grad_out.stride(), 0, 0, 0, 0,
-                        O_COMPACT=True, GATED=True, ACC=_acc_tl(q.dtype), BM=BM, BD=BD)
+                        O_COMPACT=True, GATED=True, ACC=_acc(q), BM=BM, BD=BD)
                 dflat.index_copy_(0, skipped, rs_s.sum(1))
         dbh = dflat.view(B, H)
         dm = (dbh.sum(0) if head_mask.dim() == 1 else dbh).to(head_mask.dtype)

@@ -23,7 +23,7 @@ _BLOCK = 1024
 
 @triton.jit
 def _gather(x_ptr, idx_ptr, out_ptr, R, BLOCK: tl.constexpr):
-    k = tl.program_id(0)
+    k = tl.program_id(0).to(tl.int64)  # k * R and i * R may pass 2^31 elements
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     i = tl.load(idx_ptr + k)
     # padding rows (-1) store zeros; the row pointer is clamped to row 0 so no address is ever
@@ -36,7 +36,7 @@ def _gather(x_ptr, idx_ptr, out_ptr, R, BLOCK: tl.constexpr):
 @triton.jit
 def _scatter(x_ptr, src_ptr, gate_ptr, idx_ptr, y_ptr, R, HAS_GATE: tl.constexpr, ACC: tl.constexpr,
              BLOCK: tl.constexpr):
-    k = tl.program_id(0)
+    k = tl.program_id(0).to(tl.int64)  # k * R and i * R may pass 2^31 elements
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     i = tl.load(idx_ptr + k)
     ok = (offs < R) & ((offs * 0 + i) >= 0)
@@ -53,7 +53,7 @@ def _scatter(x_ptr, src_ptr, gate_ptr, idx_ptr, y_ptr, R, HAS_GATE: tl.constexpr
 def _scatter_bwd(grad_ptr, x_ptr, src_ptr, gate_ptr, idx_ptr, dx_ptr, dsrc_ptr, dgate_ptr, R,
                  HAS_GATE: tl.constexpr, NEED_X: tl.constexpr, NEED_SRC: tl.constexpr,
                  NEED_GATE: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
-    k = tl.program_id(0)
+    k = tl.program_id(0).to(tl.int64)
     i = tl.load(idx_ptr + k)
     row = tl.maximum(i, 0) * R
     g = tl.full((), 1.0, ACC)
