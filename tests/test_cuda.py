@@ -84,7 +84,7 @@ def test_rows_cuda_match_cpu():
     for fn, args in ((torch.ops.sparse_ops.gather_rows, (x, idx)),
                      (torch.ops.sparse_ops.scatter_rows, (x, idx, src, gate)),
                      (torch.ops.sparse_ops.scatter_rows, (x, idx, src, None))):
-        torch.testing.assert_close(fn(*[a.to(DEV) for a in args]).cpu(), fn(*args))
+        torch.testing.assert_close(fn(*[a.to(DEV) if a is not None else None for a in args]).cpu(), fn(*args))
     xg, sg, gg = (t.to(DEV).requires_grad_() for t in (x, src, gate))
     y = torch.ops.sparse_ops.scatter_rows(xg, idx.to(DEV), sg, gg)
     assert torch.autograd.gradcheck(lambda a, b, c: torch.ops.sparse_ops.scatter_rows(a, idx.to(DEV), b, c),
