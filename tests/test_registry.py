@@ -76,3 +76,32 @@ def test_activation_backward_is_autograds(name):
 def test_activation_errors_name_the_argument():
     with pytest.raises(ValueError, match=r"gated_ffn: activation must be one of .*'swish'"):
         sparse_ops.gated_ffn(torch.randn(2, 4), torch.randn(6, 4), torch.randn(4, 6), activation="swish")
+
+
+def _second_order(f, *inputs):
+    (g,) = torch.autograd.grad(f(*inputs).square().sum(), inputs[0], create_graph=True)
+    return torch.autograd.grad(g.square().sum(), inputs)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_double_backward_is_refused_naming_the_op(backend):
+    # The backward ops have no derivative formula: a second-order gradient must not come out
+    # silently wrong (autograd would otherwise treat their outputs as constants, with a warning).
+    torch.manual_seed(0)
+    D = torch.float64
+    x, w1, w2 = (torch.randn(*s, dtype=D, requires_grad=True) for s in ((3, 5), (7, 5), (5, 7)))
+    with pytest.raises(RuntimeError, match=r"sparse_ops::gated_ffn_backward(_triton)?: second-order gradients"):
+        _second_order(lambda x, w1, w2: sparse_ops.gated_ffn(x, w1, w2, torch.tensor([1, 3]), backend=backend),
+                      x, w1, w2)
+    q = torch.randn(2, 3, 4, 8, dtype=D, requires_grad=True)
+    with pytest.raises(RuntimeError, match=r"sparse_ops::masked_head_attention_backward(_triton)?: second-order"):
+        _second_order(lambda q: sparse_ops.masked_head_attention(q, q, q, torch.tensor([True, False, True]),
+                                                                 backend=backend), q)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_rows_double_backward_is_exact(backend):
+    # gather's backward is scatter_rows, which has its own formula: second order is exact.
+    x = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+    idx = torch.tensor([3, -1, 0])
+    assert torch.autograd.gradgradcheck(lambda a: sparse_ops.ops.gather_rows(a, idx, backend), [x])

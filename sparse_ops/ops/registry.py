@@ -56,9 +56,22 @@ def define(name: str, *, fake: Callable, setup_context: Callable | None = None,
     _SPECS[name] = spec
     if _backend.has_ext():
         torch.library.register_fake(f"sparse_ops::{name}", fake)
-        if backward is not None:
-            torch.library.register_autograd(f"sparse_ops::{name}", backward(_cpp_op),
-                                            setup_context=setup_context)
+        backward_fn, setup = _autograd(spec, _cpp_op)
+        torch.library.register_autograd(f"sparse_ops::{name}", backward_fn, setup_context=setup)
+
+
+def _autograd(spec: _Spec, lookup):
+    """(backward, setup_context) of op `spec`. An op without a formula (the backward ops) refuses to
+    be differentiated with an error naming it: without one, autograd would warn and treat its
+    outputs as constants, and a second-order gradient would silently come out wrong."""
+    if spec.backward is not None:
+        return spec.backward(lookup), spec.setup_context
+
+    def refuse(ctx, *grads):
+        raise RuntimeError(f"sparse_ops::{spec.name}: second-order gradients (double backward) are not "
+                           f"supported; differentiate the op once (create_graph=False)")
+
+    return refuse, lambda ctx, inputs, output: None
 
 
 def _cpp_op(name: str):
@@ -84,8 +97,8 @@ def triton_op(name: str):
                                  schema=_schema(name))
     op.register_fake(spec.fake)
     _TWINS[name] = op
-    if spec.backward is not None:
-        op.register_autograd(spec.backward(triton_op), setup_context=spec.setup_context)
+    backward, setup = _autograd(spec, triton_op)
+    op.register_autograd(backward, setup_context=setup)
     return op
 
 
