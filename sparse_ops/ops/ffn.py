@@ -22,6 +22,21 @@ def _check_tensor(t, name: str):
         raise TypeError(f"gated_ffn: {name} must be a torch.Tensor; got {type(t).__name__}")
 
 
+def _check_devices(x, w1, w2, b1, b2, w3, active, gate):
+    """Every tensor on x's device: one on another device would send the call to that device's
+    kernel (a meta w1 made a CPU x run the fake kernel and return uninitialised memory)."""
+    dev = x.device
+    for name, t in (("w1", w1), ("w2", w2), ("b1", b1), ("b2", b2), ("w3", w3), ("active", active),
+                    ("gate", gate)):
+        if t is None:
+            if name in ("w1", "w2"):
+                _check_tensor(t, name)
+            continue
+        _check_tensor(t, name)
+        if t.device != dev:
+            raise ValueError(f"gated_ffn: {name} must be on x's device ({dev}); got {t.device}")
+
+
 def _broadcasts_to(shape, target) -> bool:
     # What torch.broadcast_shapes(shape, target) == target checks, without its cost
     # (~40% of this wrapper's time at decode sizes, where the whole call is ~0.1 ms).
@@ -100,8 +115,7 @@ def gated_ffn(x, w1, w2, active=None, *, b1=None, b2=None, w3=None, gate=None,
     _acts.check(activation)
     flat = _normal_already(x, w1, active, gate)
     x2, lead, active, gate = (x, None, active, gate) if flat else _normalize(x, w1, active, gate)
-    if not isinstance(w2, torch.Tensor):
-        _check_tensor(w2, "w2")
+    _check_devices(x, w1, w2, b1, b2, w3, active, gate)
     out = _registry.run("gated_ffn", x.device, backend, x2, w1, w2, b1, b2, w3, active, gate, activation,
                         w2_transposed, dense_grad)
     return out if flat else out.reshape(*lead, out.shape[-1])
