@@ -135,7 +135,7 @@ def _case(name, N, keep, device, mask_kind="shared", w2_transposed=False, glu=Fa
 
 
 def cases(device: str, quick: bool):
-    """The FFN benchmark rows (DESIGN.md / issue acceptance)."""
+    """The FFN benchmark rows (docs/design.md / issue acceptance)."""
     ks = (1.0, 0.5, 0.25)
     N_pre = 1024
     for k in ks:
