@@ -10,9 +10,16 @@ Switches (environment variables), in the style of xformers / flash-attention:
 
 The C++ CPU extension is always built. The CUDA sources are added when torch was
 built with CUDA and either a GPU is visible or FORCE_CUDA=1.
+
+The extension compiles against the torch that is installed, so install torch (>= 2.11) first and
+build without pip's build isolation, as flash-attention does:
+  pip install --no-build-isolation .        (or: pip install -e . --no-build-isolation)
+A plain `pip install .` builds in an isolated environment without torch; this file then stops
+with a message saying so (pyproject.toml names only setuptools and wheel as build requirements).
 """
 import glob
 import os
+import re
 import sys
 
 from setuptools import find_packages, setup
@@ -20,6 +27,47 @@ from setuptools import find_packages, setup
 ROOT = os.path.dirname(os.path.abspath(__file__))
 NO_EXT = os.environ.get("SPARSE_OPS_NO_EXT", "0") == "1"
 VERSION = "0.1.0"
+TORCH_MIN = (2, 11)
+
+HOW_TO_INSTALL = """\
+  Install torch >= 2.11 first (or keep the one you have), then build against it without pip's
+  build isolation, which hides the installed torch from the build:
+      pip install "torch>=2.11"              # skip if torch >= 2.11 is installed
+      pip install setuptools wheel ninja     # the build's own requirements (ninja: parallel compile)
+      pip install --no-build-isolation .     # or: pip install -e . --no-build-isolation
+  (SPARSE_OPS_NO_EXT=1 pip install . installs the pure-Python package without the extension.)"""
+
+
+def _import_torch():
+    """torch, or exit with what to do instead of a bare ModuleNotFoundError."""
+    try:
+        import torch
+    except ImportError as e:
+        isolated = any("pip-build-env" in p for p in sys.path)
+        sys.exit("\nsparse_ops: building the extension sparse_ops._C needs PyTorch, and `import torch` "
+                 f"failed ({e}).\n" +
+                 ("  This looks like pip's build isolation (a temporary environment without your "
+                  "torch).\n" if isolated else "") + HOW_TO_INSTALL + "\n")
+    version = tuple(int(p) for p in re.findall(r"\d+", torch.__version__)[:2])
+    if version < TORCH_MIN:
+        sys.exit(f"\nsparse_ops: needs torch >= 2.11 to build; found torch {torch.__version__}.\n" +
+                 HOW_TO_INSTALL + "\n")
+    return torch
+
+
+def _check_wheel_builder():
+    """setuptools < 70.1 builds wheels (also editable ones) through the `wheel` package; without it
+    pip --no-build-isolation stops at "invalid command 'bdist_wheel'"."""
+    if not {"bdist_wheel", "editable_wheel"} & set(sys.argv):
+        return
+    try:
+        import setuptools.command.bdist_wheel  # noqa: F401  (setuptools >= 70.1)
+    except ImportError:
+        try:
+            import wheel  # noqa: F401
+        except ImportError:
+            sys.exit("\nsparse_ops: building a wheel with this setuptools needs the `wheel` package, "
+                     "which is not installed.\n" + HOW_TO_INSTALL + "\n")
 
 
 def _write_build_info(info):
@@ -34,7 +82,7 @@ def _extensions():
         _write_build_info({"ext": False, "cuda": False,
                            "why": "SPARSE_OPS_NO_EXT=1 at build time"})
         return [], {}
-    import torch
+    torch = _import_torch()
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
     debug = os.environ.get("SPARSE_OPS_DEBUG", "0") == "1"
@@ -81,6 +129,7 @@ def _extensions():
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 
+_check_wheel_builder()
 ext_modules, cmdclass = _extensions()
 
 setup(
@@ -88,7 +137,9 @@ setup(
     version=VERSION,
     description="Dynamic sparse execution for transformers: skipped heads, FFN columns and layers "
                 "are never computed, with autograd and straight-through gates.",
-    packages=find_packages(include=["sparse_ops", "sparse_ops.*", "bench"]),
+    # The library only: bench/ (python -m bench, run from the repo root) and tests/ stay out of
+    # the wheel; a top-level `bench` package would clash with anything else of that name.
+    packages=find_packages(include=["sparse_ops", "sparse_ops.*"]),
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     python_requires=">=3.10",

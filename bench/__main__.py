@@ -62,6 +62,15 @@ def main(argv=None) -> int:
           f"THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE')}")
     timer = harness.Timer(args.device, args.quick)
     rows = []
+
+    def save():  # after every row, so a run cut short (a crash, gpu-check's time limit) keeps its rows
+        if args.json:
+            harness.write_json(rows, args.json)
+        if args.markdown:
+            with open(args.markdown, "w") as f:
+                f.write(harness.markdown_table(rows) + "\n")
+
+    save()
     t0 = time.time()
     for name in names:
         mod = importlib.import_module(FAMILIES[name])
@@ -74,12 +83,8 @@ def main(argv=None) -> int:
             row["device_name"] = dev_name
             rows.append(row)
             print(harness.format_row(row), flush=True)
+            save()
     print(f"{len(rows)} rows in {time.time() - t0:.0f} s")
-    if args.json:
-        harness.write_json(rows, args.json)
-    if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(harness.markdown_table(rows) + "\n")
     if args.plot and rows:
         harness.plot(rows, args.plot)
     return 0

@@ -1,5 +1,12 @@
 import os
 
-# The Triton tests run the kernels on CPU tensors through the interpreter. Triton reads this
-# when @triton.jit decorates, so it must be set before any kernel module is imported.
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch
+
+# The Triton tests run the kernels compiled for the GPU when a CUDA device is visible, and on CPU
+# tensors through the interpreter otherwise, or when SPARSE_OPS_TRITON_INTERPRET=1 asks for the
+# interpreter on a GPU machine. Triton reads TRITON_INTERPRET when @triton.jit decorates, so it
+# must be set before any kernel module is imported.
+if os.environ.get("SPARSE_OPS_TRITON_INTERPRET") == "1":
+    os.environ["TRITON_INTERPRET"] = "1"
+elif not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
