@@ -40,7 +40,7 @@ def masks(N, F, lead=None, seed=1):
     shape = (lead or (N,)) + (F,)
     return {
         "none": None,
-        "idx": torch.tensor([3, 0, 7, 28, 3]),                    # unsorted, with a duplicate
+        "idx": torch.tensor([3, 0, 7, 28, 12]),                   # unsorted (repeats are refused)
         "bool": torch.rand(F, generator=g) > 0.5,
         "per_row": torch.rand(*shape, generator=g) > 0.5,
         "one": torch.tensor([5]),
@@ -338,19 +338,23 @@ def test_bad_layout_activation_and_backend():
 
 @pytest.mark.parametrize("bad,match", [
     (torch.tensor([1, 4, 29]), r"idx must be in \[0, F\) = \[0, 29\); got 29 at position 2"),
-    (torch.tensor([-1, 4]), r"idx must be in \[0, F\) = \[0, 29\); got -1 at position 0"),
-    (torch.tensor([1.0, 4.0]), "idx must be int64"),
+    (torch.tensor([-1, 4, 5]), r"idx must be in \[0, F\) = \[0, 29\); got -1 at position 0"),
+    (torch.tensor([1.0, 4.0, 5.0]), "idx must be int64"),
 ])
 def test_backward_op_rejects_bad_idx(bad, match):
     # gated_ffn_backward is a public op: an idx that did not come from gated_ffn is refused
-    # before anything is indexed with it.
+    # before anything is indexed with it (pre and row_mask have the matching K = 3 columns).
     x, p = make(4)
-    m = masks(4, 29)["bool"]
-    out, idx, pre, up = torch.ops.sparse_ops.gated_ffn(x, p["w1"], p["w2"], p["b1"], p["b2"], None, m, None,
-                                                       "gelu", False, False)
+    m = torch.zeros(4, 29, dtype=torch.bool)
+    m[:, [2, 9, 17]] = True
+    m[0, 9] = False
+    out, idx, pre, up, rm, rg = torch.ops.sparse_ops.gated_ffn(x, p["w1"], p["w2"], p["b1"], p["b2"], None, m,
+                                                               None, "gelu", False, False)
+    assert idx.tolist() == [2, 9, 17] and rm.shape == (4, 3) and rg.tolist() == [-1] * 4
     with pytest.raises(RuntimeError, match=match):
         torch.ops.sparse_ops.gated_ffn_backward(torch.ones_like(out), x, p["w1"], p["w2"], p["b1"], None, m,
-                                                None, bad, pre, up, "gelu", False, False, [True, True, True])
+                                                None, bad, pre, up, rm, rg, "gelu", False, False,
+                                                [True, True, True])
 
 
 def test_torch_backend_matches_cpp():

@@ -334,6 +334,8 @@ def _check(x, w1, w2, b1, b2, w3, active, gate, activation, w2_transposed):
         if lo < 0 or hi >= F_:
             raise ValueError(f"gated_ffn (triton): active indices must be in [0, F) = [0, {F_}); "
                              f"got min {lo}, max {hi}")
+        if torch.unique(active).numel() != active.numel():
+            raise ValueError("gated_ffn (triton): active indices must be distinct")
     if activation not in _ACT_CODE:
         raise ValueError(f"gated_ffn (triton): activation must be one of {tuple(_ACT_CODE)}; got {activation!r}")
 
@@ -345,11 +347,20 @@ def _forward(x, w1, w2, b1, b2, w3, active, gate, activation, w2_transposed, den
     F_ = w1.shape[0]
     idx, row_mask, gate_a = _resolve(N, F_, active, gate, x.device)
     K = idx.shape[0]
+    # The plan for backward, as the C++ op returns it (no row grouping here: row_group is -1).
+    per_row = (active is not None and active.dtype == torch.bool and active.dim() == 2) or \
+        (gate is not None and gate.dim() == 2)
+    if per_row:
+        saved_mask = row_mask if row_mask is not None else torch.ones(N, K, dtype=torch.bool, device=x.device)
+        saved_group = torch.full((N,), -1, dtype=torch.int64, device=x.device)
+    else:
+        saved_mask = torch.empty(0, dtype=torch.bool, device=x.device)
+        saved_group = torch.empty(0, dtype=torch.int64, device=x.device)
     if 0 < N <= 16 and w2_transposed and K > 0:
         out, pre, up = rowmask_gemv(x, w1, w3, w2.contiguous(), b1, idx, row_mask, gate, activation)
         if b2 is not None:
             out = out + b2
-        return out, idx, pre, up
+        return out, idx, pre, up, saved_mask, saved_group
     pre = gather_n_mm(x, w1, idx, w1.stride(0), w1.stride(1), bias=b1)
     up = gather_n_mm(x, w3, idx, w3.stride(0), w3.stride(1)) if w3 is not None else x.new_empty(0)
     h = _reference.activation_fn(activation)(pre)
@@ -361,16 +372,18 @@ def _forward(x, w1, w2, b1, b2, w3, active, gate, activation, w2_transposed, den
         h = torch.where(row_mask, h, torch.zeros((), dtype=h.dtype, device=h.device))
     s_k, s_e = _w2_strides(w2, w2_transposed)
     out = gather_k_mm(h.contiguous(), w2, idx, s_k, s_e, d, bias=b2)
-    return out, idx, pre, up
+    return out, idx, pre, up, saved_mask, saved_group
 
 
-def _backward(grad_out, x, w1, w2, b1, w3, active, gate, idx, pre, up, activation, w2_transposed,
-              dense_grad, need):
+def _backward(grad_out, x, w1, w2, b1, w3, active, gate, idx, pre, up, row_mask, row_group, activation,
+              w2_transposed, dense_grad, need):
     x = x.contiguous()
     grad_out = grad_out.contiguous()
     N, d = x.shape
     F_ = w1.shape[0]
-    _, row_mask, gate_a = _resolve(N, F_, active, gate, x.device, idx=idx)
+    # The forward's plan: row_mask [N, K] for per-row masks (row_group is all -1 here), else [0].
+    row_mask = row_mask if row_mask.dim() == 2 else None
+    gate_a = gate[..., idx] if gate is not None else None
     need_x, need_w, need_g = need[0], need[1], need[2] and gate is not None
     zero = torch.zeros((), dtype=x.dtype, device=x.device)
 
@@ -435,9 +448,10 @@ _BWD = "sparse_ops::gated_ffn_triton_backward"
 # Same schemas as the C++ ops (csrc/ops.cpp), so the two backends are interchangeable.
 _FWD_SCHEMA = ("(Tensor x, Tensor w1, Tensor w2, Tensor? b1, Tensor? b2, Tensor? w3, Tensor? active, "
                "Tensor? gate, str activation, bool w2_transposed, bool dense_grad) "
-               "-> (Tensor, Tensor, Tensor, Tensor)")
+               "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
 _BWD_SCHEMA = ("(Tensor grad_out, Tensor x, Tensor w1, Tensor w2, Tensor? b1, Tensor? w3, Tensor? active, "
-               "Tensor? gate, Tensor idx, Tensor pre, Tensor up, str activation, bool w2_transposed, "
+               "Tensor? gate, Tensor idx, Tensor pre, Tensor up, Tensor row_mask, Tensor row_group, "
+               "str activation, bool w2_transposed, "
                "bool dense_grad, bool[] need) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
 
 _register = torch.library.custom_op if (INTERPRET or not torch.cuda.is_available()) else torch.library.triton_op
@@ -451,15 +465,22 @@ def _(x, w1, w2, b1, b2, w3, active, gate, activation, w2_transposed, dense_grad
     F_ = w1.shape[0]
     if active is None and gate is None:
         K = F_
+    elif active is not None and active.dtype == torch.int64 and gate is None:
+        K = active.shape[0]
     else:
         ctx = torch.library.get_ctx()
         K = ctx.new_dynamic_size(min=0, max=F_) if isinstance(F_, int) else ctx.new_dynamic_size()
     up = x.new_empty((N, K)) if w3 is not None else x.new_empty((0,))
-    return x.new_empty((N, d)), x.new_empty((K,), dtype=torch.int64), x.new_empty((N, K)), up
+    per_row = (active is not None and active.dtype == torch.bool and active.dim() == 2) or \
+        (gate is not None and gate.dim() == 2)
+    return (x.new_empty((N, d)), x.new_empty((K,), dtype=torch.int64), x.new_empty((N, K)), up,
+            x.new_empty((N, K) if per_row else (0,), dtype=torch.bool),
+            x.new_empty((N,) if per_row else (0,), dtype=torch.int64))
 
 
 @_bwd_op.register_fake
-def _(grad_out, x, w1, w2, b1, w3, active, gate, idx, pre, up, activation, w2_transposed, dense_grad, need):
+def _(grad_out, x, w1, w2, b1, w3, active, gate, idx, pre, up, row_mask, row_group, activation, w2_transposed,
+      dense_grad, need):
     e = x.new_empty((0,))
     nx, nw, ng = need
     return (torch.empty_like(x) if nx else e, torch.empty_like(w1) if nw else e,
@@ -471,18 +492,18 @@ def _(grad_out, x, w1, w2, b1, w3, active, gate, idx, pre, up, activation, w2_tr
 
 def _setup(ctx, inputs, output):
     x, w1, w2, b1, b2, w3, active, gate, activation, w2_transposed, dense_grad = inputs
-    _, idx, pre, up = output
-    ctx.save_for_backward(x, w1, w2, b1, w3, active, gate, idx, pre, up)
+    _, idx, pre, up, row_mask, row_group = output
+    ctx.save_for_backward(x, w1, w2, b1, w3, active, gate, idx, pre, up, row_mask, row_group)
     ctx.args = (activation, w2_transposed, dense_grad)
     ctx.has = (b1 is not None, b2 is not None, w3 is not None, gate is not None)
 
 
-def _autograd(ctx, grad_out, _gi, _gp, _gu):
-    x, w1, w2, b1, w3, active, gate, idx, pre, up = ctx.saved_tensors
+def _autograd(ctx, grad_out, _gi, _gp, _gu, _grm, _grg):
+    x, w1, w2, b1, w3, active, gate, idx, pre, up, row_mask, row_group = ctx.saved_tensors
     nig = ctx.needs_input_grad
     need = [bool(nig[0]), any(bool(nig[i]) for i in (1, 2, 3, 4, 5)), bool(nig[7])]
     dx, dw1, dw2, dw3, db1, db2, dgate = _bwd_op(grad_out, x, w1, w2, b1, w3, active, gate, idx, pre, up,
-                                                 *ctx.args, need)
+                                                 row_mask, row_group, *ctx.args, need)
     has_b1, has_b2, has_w3, has_gate = ctx.has
     return (dx if nig[0] else None, dw1 if nig[1] else None, dw2 if nig[2] else None,
             db1 if (nig[3] and has_b1) else None, db2 if (nig[4] and has_b2) else None,
