@@ -1,8 +1,8 @@
 """gated_ffn on CPU: reference equality, gradients, opcheck, compile, errors, skipped work.
 
 Both CPU paths are covered: N <= 16 rows in float32/float64 take the fused decode kernel
-(csrc/cpu/ffn_cpu.cpp), more rows (or other dtypes) the gathered-GEMM path (csrc/ffn.cpp),
-and per-row masks with few distinct rows the grouped path.
+(csrc/cpu/ffn_cpu.cpp), more rows (or other dtypes) the gathered-GEMM path
+(csrc/ffn_compute.cpp), and per-row masks with few distinct rows the grouped path.
 """
 import pytest
 import torch

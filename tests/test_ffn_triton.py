@@ -114,5 +114,7 @@ def test_bad_inputs():
     x, p = make(3)
     with pytest.raises(ValueError, match=r"active indices must be in \[0, F\)"):
         run("triton", x, p, torch.tensor([0, 37]))
+    with pytest.raises(ValueError, match="active indices must be distinct"):  # as the C++ op
+        run("triton", x, p, torch.tensor([4, 0, 4]))
     with pytest.raises(ValueError, match=r"w2 must be \[37, 13\]"):
         run("triton", x, p, None, None, True)

@@ -293,7 +293,7 @@ def _effective_mask(N, F_, active, gate, device, include_gate=True):
 
 
 def _resolve(N, F_, active, gate, device, idx=None):
-    """(idx [K], row_mask [N, K] or None, gate_a [K] / [N, K] or None) as in csrc/ffn.cpp."""
+    """(idx [K], row_mask [N, K] or None, gate_a [K] / [N, K] or None) as in csrc/ffn_plan.cpp."""
     m = _effective_mask(N, F_, active, gate, device)
     row_mask = None
     if m.dim() == 2:
