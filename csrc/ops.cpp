@@ -22,24 +22,31 @@ PyObject* PyInit__C(void) {
 TORCH_LIBRARY(sparse_ops, m) {
   // ---------------------------------------------------------------- gated FFN
   // x [N, d]; w1, w3 [F, d]; w2 [d, F] (or [F, d] when w2_transposed).
-  // active: None, int64 indices [K] or bool [F] (shared by all rows), or bool [N, F].
-  // gate: None, or float [F] / [N, F] in x's dtype; a gate of exactly 0 skips its unit.
-  // Returns out [N, d] and what backward needs:
-  //   idx [K] int64: the columns that ran for at least one row (sorted),
-  //   pre [N, K]: x w1[idx]^T + b1[idx] (rows for which a column did not run hold 0),
-  //   up  [N, K]: x w3[idx]^T for GLU, else an empty tensor.
+  // active: None, int64 indices [K] (distinct, in [0, F); any order) or bool [F] (shared by all
+  // rows), or bool [N, F]. gate: None, or float [F] / [N, F] in x's dtype; a gate of exactly 0
+  // skips its unit. "Per-row": active is a 2-D bool mask or gate is 2-D.
+  // Returns out [N, d] and the plan the backward runs on (shapes depend on input shapes only):
+  //   idx [K] int64: the columns that ran for at least one row (sorted); K = F without active
+  //     and gate, len(active) for int64 indices without a gate,
+  //   pre [N, K]: x w1[idx]^T + b1[idx] (entries of columns a row did not run hold 0 or that
+  //     value; they do not affect the gradients),
+  //   up  [N, K]: x w3[idx]^T for GLU, else an empty tensor,
+  //   row_mask: per-row, bool [N, K]: the effective mask (active & gate != 0) at idx; else bool [0],
+  //   row_group: per-row, int64 [N]: each row's group id when rows were grouped by equal masks
+  //     (CPU), else -1 for every row; else int64 [0].
   // dense_grad is read by the autograd formula only (skipped units' gate gradient).
   m.def(
       "gated_ffn(Tensor x, Tensor w1, Tensor w2, Tensor? b1, Tensor? b2, Tensor? w3, "
       "Tensor? active, Tensor? gate, str activation, bool w2_transposed, bool dense_grad) "
-      "-> (Tensor out, Tensor idx, Tensor pre, Tensor up)");
-  // Gradients of gated_ffn. need = [x, weights and biases, gate]. Gradients that
-  // are not needed, or whose input is absent, come back as empty tensors.
-  // Weight rows/columns of columns that did not run are exact zeros.
+      "-> (Tensor out, Tensor idx, Tensor pre, Tensor up, Tensor row_mask, Tensor row_group)");
+  // Gradients of gated_ffn, on the plan gated_ffn returned (idx, pre, up, row_mask, row_group;
+  // active is read again only for dense_grad's gate gradient). need = [x, weights and biases,
+  // gate]. Gradients that are not needed, or whose input is absent, come back as empty tensors;
+  // the others are contiguous. Weight rows/columns of columns that did not run are exact zeros.
   m.def(
       "gated_ffn_backward(Tensor grad_out, Tensor x, Tensor w1, Tensor w2, Tensor? b1, Tensor? w3, "
-      "Tensor? active, Tensor? gate, Tensor idx, Tensor pre, Tensor up, str activation, "
-      "bool w2_transposed, bool dense_grad, bool[3] need) "
+      "Tensor? active, Tensor? gate, Tensor idx, Tensor pre, Tensor up, Tensor row_mask, Tensor row_group, "
+      "str activation, bool w2_transposed, bool dense_grad, bool[3] need) "
       "-> (Tensor dx, Tensor dw1, Tensor dw2, Tensor dw3, Tensor db1, Tensor db2, Tensor dgate)");
 
   // ---------------------------------------------------------------- rows (skip_layer)

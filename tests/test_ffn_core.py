@@ -1,8 +1,8 @@
 """gated_ffn on CPU: reference equality, gradients, opcheck, compile, errors, skipped work.
 
 Both CPU paths are covered: N <= 16 rows in float32/float64 take the fused decode kernel
-(csrc/cpu/ffn_cpu.cpp), more rows (or other dtypes) the gathered-GEMM path (csrc/ffn.cpp),
-and per-row masks with few distinct rows the grouped path.
+(csrc/cpu/ffn_cpu.cpp), more rows (or other dtypes) the gathered-GEMM path
+(csrc/ffn_compute.cpp), and per-row masks with few distinct rows the grouped path.
 """
 import pytest
 import torch
@@ -40,7 +40,7 @@ def masks(N, F, lead=None, seed=1):
     shape = (lead or (N,)) + (F,)
     return {
         "none": None,
-        "idx": torch.tensor([3, 0, 7, 28, 3]),                    # unsorted, with a duplicate
+        "idx": torch.tensor([3, 0, 7, 28, 12]),                   # unsorted (repeats are refused)
         "bool": torch.rand(F, generator=g) > 0.5,
         "per_row": torch.rand(*shape, generator=g) > 0.5,
         "one": torch.tensor([5]),
@@ -304,6 +304,11 @@ def _bad(**over):
 @pytest.mark.parametrize("over,exc,match", [
     (dict(active=torch.tensor([0, 29])), RuntimeError, r"active indices must be in \[0, F\)"),
     (dict(active=torch.tensor([-1, 2])), RuntimeError, r"active indices must be in \[0, F\)"),
+    (dict(active=torch.tensor([3, 1, 3])), RuntimeError, "active indices must be distinct; got 3 more than once"),
+    (dict(active=torch.tensor([5, 5]), gate=torch.rand(29, dtype=D64)), RuntimeError,
+     "active indices must be distinct; got 5 more than once"),
+    (dict(active=torch.tensor([2, 29]), gate=torch.rand(4, 29, dtype=D64)), RuntimeError,
+     r"active indices must be in \[0, F\) = \[0, 29\); got min 2, max 29"),
     (dict(active=torch.tensor([1, 2], dtype=torch.int32)), TypeError, "active must be int64 indices"),
     (dict(active=torch.tensor([1.0, 2.0])), TypeError, "active must be int64 indices"),
     (dict(active=torch.ones(28, dtype=torch.bool)), RuntimeError, "bool active mask must be"),
@@ -338,19 +343,23 @@ def test_bad_layout_activation_and_backend():
 
 @pytest.mark.parametrize("bad,match", [
     (torch.tensor([1, 4, 29]), r"idx must be in \[0, F\) = \[0, 29\); got 29 at position 2"),
-    (torch.tensor([-1, 4]), r"idx must be in \[0, F\) = \[0, 29\); got -1 at position 0"),
-    (torch.tensor([1.0, 4.0]), "idx must be int64"),
+    (torch.tensor([-1, 4, 5]), r"idx must be in \[0, F\) = \[0, 29\); got -1 at position 0"),
+    (torch.tensor([1.0, 4.0, 5.0]), "idx must be int64"),
 ])
 def test_backward_op_rejects_bad_idx(bad, match):
     # gated_ffn_backward is a public op: an idx that did not come from gated_ffn is refused
-    # before anything is indexed with it.
+    # before anything is indexed with it (pre and row_mask have the matching K = 3 columns).
     x, p = make(4)
-    m = masks(4, 29)["bool"]
-    out, idx, pre, up = torch.ops.sparse_ops.gated_ffn(x, p["w1"], p["w2"], p["b1"], p["b2"], None, m, None,
-                                                       "gelu", False, False)
+    m = torch.zeros(4, 29, dtype=torch.bool)
+    m[:, [2, 9, 17]] = True
+    m[0, 9] = False
+    out, idx, pre, up, rm, rg = torch.ops.sparse_ops.gated_ffn(x, p["w1"], p["w2"], p["b1"], p["b2"], None, m,
+                                                               None, "gelu", False, False)
+    assert idx.tolist() == [2, 9, 17] and rm.shape == (4, 3) and rg.tolist() == [-1] * 4
     with pytest.raises(RuntimeError, match=match):
         torch.ops.sparse_ops.gated_ffn_backward(torch.ones_like(out), x, p["w1"], p["w2"], p["b1"], None, m,
-                                                None, bad, pre, up, "gelu", False, False, [True, True, True])
+                                                None, bad, pre, up, rm, rg, "gelu", False, False,
+                                                [True, True, True])
 
 
 def test_torch_backend_matches_cpp():
@@ -380,3 +389,249 @@ def test_no_grad_fast_path_equals_graph_path(N):
               m, w2t=True)
     assert y3.grad_fn is None
     torch.testing.assert_close(y3, ref.detach(), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("N", [1, 4, 40])
+def test_repeated_or_out_of_range_indices_are_refused_on_every_path(N):
+    # N = 1, 4: the decode kernel's plan; 40: the GEMM path's. Repeats used to be deduplicated
+    # on CPU; now K is always len(active), as on CUDA (where they are checked on the device).
+    x, p = make(N, w2t=True)
+    for bad, match in [(torch.tensor([7, 0, 7]), "active indices must be distinct"),
+                       (torch.tensor([0, 29]), r"active indices must be in \[0, F\)"),
+                       (torch.tensor([-3]), r"active indices must be in \[0, F\)")]:
+        with pytest.raises(RuntimeError, match=match):
+            call(sparse_ops.gated_ffn, x, p, bad, w2t=True)
+
+
+# ----------------------------------------------------------------- the saved plan
+def _op(x, p, active, gate=None, w2t=False, act="gelu"):
+    return torch.ops.sparse_ops.gated_ffn(x, p["w1"], p["w2"], p["b1"], p["b2"], p["w3"], active, gate, act,
+                                          w2t, False)
+
+
+def _per_sample(B, T, F, keep, seed):
+    """[B * T, F]: every token of a sample shares its sample's random mask."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(B, 1, F, generator=g) < keep).expand(B, T, F).reshape(B * T, F)
+
+
+@pytest.mark.parametrize("N", [1, 4, 40])
+def test_forward_returns_plan_shaped_by_input_shapes(N):
+    x, p = make(N)
+    g = torch.Generator().manual_seed(7)
+    for active, gate, per_row in [(None, None, False), (torch.tensor([4, 1, 20]), None, False),
+                                  (torch.rand(29, generator=g) > 0.5, None, False),
+                                  (None, torch.rand(29, generator=g, dtype=D64), False),
+                                  (torch.rand(N, 29, generator=g) > 0.5, None, True),
+                                  (torch.tensor([4, 1, 20]), torch.rand(N, 29, generator=g, dtype=D64), True)]:
+        out, idx, pre, up, rm, rg = _op(x, p, active, gate)
+        K = idx.shape[0]
+        assert idx.tolist() == sorted(idx.tolist())
+        if active is not None and active.dtype == torch.int64 and gate is None:
+            assert idx.tolist() == [1, 4, 20]
+        assert pre.shape == (N, K)
+        if per_row:
+            eff = R.ffn_mask(active, 29, "cpu") & (gate != 0 if gate is not None else True)
+            assert rm.dtype == torch.bool and torch.equal(rm, eff.expand(N, 29)[:, idx])
+            assert rg.dtype == torch.int64 and rg.shape == (N,)
+            if N >= 32 and active.dtype == torch.int64:  # a gate without zeros: every row alike, one group
+                assert torch.equal(rg, torch.zeros(N, dtype=torch.int64))
+            else:  # too few rows to group, or (random rows) too many distinct masks
+                assert torch.equal(rg, torch.full((N,), -1))
+        else:
+            assert rm.dtype == torch.bool and rm.shape == (0,)
+            assert rg.dtype == torch.int64 and rg.shape == (0,)
+
+
+def test_forward_groups_rows_and_saves_the_groups():
+    B, T, F = 4, 16, 29
+    x, p = make(B * T, F=F)
+    m = _per_sample(B, T, F, 0.5, seed=8)
+    out, idx, pre, up, rm, rg = _op(x, p, m)
+    assert torch.equal(idx, torch.nonzero(m.any(0)).flatten())
+    assert torch.equal(rm, m[:, idx])
+    # one group per sample (the samples' masks differ), in order of first appearance
+    assert torch.equal(rg, torch.arange(B).repeat_interleave(T))
+    torch.testing.assert_close(out, R.gated_ffn(x, p["w1"], p["w2"], m, b1=p["b1"], b2=p["b2"]))
+
+
+def _grads_vs_reference(N, active, gate, w2t, glu, dense_grad=False, seed=0):
+    x, p = make(N, F=29, w2t=w2t, glu=glu, grad=True, seed=seed)
+    if gate is not None:
+        gate = gate.clone().requires_grad_()
+    names = [k for k in ("w1", "w2", "w3", "b1", "b2") if p[k] is not None]
+    params = [x] + [p[k] for k in names] + ([gate] if gate is not None else [])
+    gy = torch.randn(N, 13, generator=torch.Generator().manual_seed(seed + 1), dtype=D64)
+    got = torch.autograd.grad(call(sparse_ops.gated_ffn, x, p, active, gate, w2t=w2t, dense_grad=dense_grad),
+                              params, gy)
+    exp = torch.autograd.grad(call(R.gated_ffn, x, p, active, gate, w2t=w2t, dense_grad=dense_grad), params, gy)
+    for name, a, b in zip(["x"] + names + ["gate"], got, exp):
+        torch.testing.assert_close(a, b, msg=lambda m: f"{name}: {m}")
+        assert a.is_contiguous(), name
+
+
+@pytest.mark.parametrize("w2t", [False, True])
+@pytest.mark.parametrize("glu", [False, True])
+@pytest.mark.parametrize("form", ["mask", "gate", "mask_and_gate", "dense_grad"])
+def test_grads_in_the_grouping_regime(w2t, glu, form):
+    # 64 rows, 4 distinct masks (per sample): the CPU forward groups rows (row_group holds the
+    # group ids) and the backward runs on those groups.
+    B, T, F = 4, 16, 29
+    N = B * T
+    m = _per_sample(B, T, F, 0.5, seed=9)
+    g = torch.Generator().manual_seed(10)
+    sample_gate = (torch.rand(B, 1, F, generator=g, dtype=D64) *
+                   (torch.rand(B, 1, F, generator=g) > 0.4)).expand(B, T, F).reshape(N, F).contiguous()
+    active, gate = {"mask": (m, None), "gate": (None, sample_gate), "mask_and_gate": (m, sample_gate),
+                    "dense_grad": (m, sample_gate)}[form]
+    x, p = make(N, F=F, w2t=w2t, glu=glu)
+    rg = _op(x, p, active, gate, w2t)[5]
+    assert rg.min() >= 0 and rg.unique().numel() > 1  # the grouping path ran
+    _grads_vs_reference(N, active, gate, w2t, glu, dense_grad=form == "dense_grad")
+
+
+@pytest.mark.parametrize("w2t", [False, True])
+@pytest.mark.parametrize("glu", [False, True])
+@pytest.mark.parametrize("form", ["mask", "gate", "mask_and_gate", "shared_gate"])
+def test_grads_in_the_union_regime(w2t, glu, form):
+    # 64 rows with random masks (more than N / 16 distinct): the union path with a per-row where().
+    N, F = 64, 29
+    g = torch.Generator().manual_seed(11)
+    m = torch.rand(N, F, generator=g) > 0.5
+    m[:, 3] = False  # a column no row runs
+    row_gate = torch.rand(N, F, generator=g, dtype=D64) * (torch.rand(N, F, generator=g) > 0.4)
+    active, gate = {"mask": (m, None), "gate": (None, row_gate), "mask_and_gate": (m, row_gate),
+                    "shared_gate": (m, torch.rand(F, generator=g, dtype=D64))}[form]
+    x, p = make(N, F=F, w2t=w2t, glu=glu)
+    rg = _op(x, p, active, gate, w2t)[5]
+    assert torch.equal(rg, torch.full((N,), -1))  # the union path ran
+    _grads_vs_reference(N, active, gate, w2t, glu)
+
+
+@pytest.mark.parametrize("N", [4, 64])
+def test_backward_reads_the_saved_plan_not_active(N):
+    # Without dense_grad the backward runs on idx / row_mask / row_group alone: an `active` of the
+    # right shape but other values changes nothing (it did when the backward re-derived the mask).
+    B = 4
+    m = _per_sample(B, N // B, 29, 0.5, seed=12)
+    x, p = make(N, w2t=True, glu=True)
+    out, idx, pre, up, rm, rg = _op(x, p, m, None, True)
+    gy = torch.randn(N, 13, generator=torch.Generator().manual_seed(13), dtype=D64)
+
+    def bwd(active):
+        return torch.ops.sparse_ops.gated_ffn_backward(gy, x, p["w1"], p["w2"], p["b1"], p["w3"], active, None,
+                                                       idx, pre, up, rm, rg, "gelu", True, False,
+                                                       [True, True, False])
+    for a, b in zip(bwd(m), bwd(torch.zeros_like(m))):
+        assert torch.equal(a, b)
+
+
+def _raw_backward(N=40, per_row=True, **over):
+    x, p = make(N)
+    g = torch.Generator().manual_seed(14)
+    active = torch.rand(N, 29, generator=g) > 0.5 if per_row else torch.rand(29, generator=g) > 0.5
+    out, idx, pre, up, rm, rg = _op(x, p, active)
+    args = dict(grad_out=torch.ones_like(out), x=x, w1=p["w1"], w2=p["w2"], b1=p["b1"], w3=None, active=active,
+                gate=None, idx=idx, pre=pre, up=up, row_mask=rm, row_group=rg)
+    args.update({k: (v(args) if callable(v) else v) for k, v in over.items()})
+    return lambda: torch.ops.sparse_ops.gated_ffn_backward(*args.values(), "gelu", False, False,
+                                                           [True, True, True])
+
+
+@pytest.mark.parametrize("per_row,over,match", [
+    (True, dict(row_mask=torch.zeros(0, dtype=torch.bool)),
+     r"row_mask must be bool \[N, K\] = \[40, \d+\] for a per-row active mask or gate"),
+    (True, dict(row_mask=lambda a: a["row_mask"][:, 1:]), r"row_mask must be bool \[N, K\]"),
+    (True, dict(row_mask=lambda a: a["row_mask"].double()), r"row_mask must be bool \[N, K\]"),
+    (True, dict(row_group=torch.full((39,), -1)), r"row_group must be int64 \[N\] = \[40\]"),
+    (True, dict(row_group=torch.zeros(0, dtype=torch.int64)), r"row_group must be int64 \[N\] = \[40\]"),
+    (True, dict(row_group=torch.full((40,), -1, dtype=torch.int32)), r"row_group must be int64 \[N\]"),
+    (False, dict(row_mask=lambda a: torch.ones(40, a["idx"].shape[0], dtype=torch.bool)),
+     r"row_mask must be bool \[0\] without a per-row active mask or gate"),
+    (False, dict(row_group=torch.full((40,), -1)), r"row_group must be int64 \[0\] without a per-row"),
+    (True, dict(pre=lambda a: a["pre"][:, 1:]), r"pre must be \[N, K\]"),
+    (True, dict(grad_out=lambda a: a["grad_out"][1:]), r"grad_out must be \[N, d\] = \[40, 13\]"),
+    # values of row_group (CPU): group ids in [0, N), or -1 for every row; rows of a group share a mask
+    (True, dict(row_group=torch.full((40,), 40)), r"row_group must be -1 for every row or a group id in \[0, N\)"),
+    (True, dict(row_group=torch.tensor([-1] * 39 + [0])), r"row_group must be -1 for every row .* at row 39"),
+    (True, dict(row_group=torch.tensor(list(range(39)) + [-1])), r"row_group must be -1 for every row .* at row 39"),
+    (True, dict(row_group=torch.zeros(40, dtype=torch.int64)), r"share row_group 0 but not their row_mask"),
+])
+def test_backward_op_rejects_a_bad_plan(per_row, over, match):
+    with pytest.raises(RuntimeError, match=match):
+        _raw_backward(per_row=per_row, **over)()
+
+
+@pytest.mark.parametrize("N", [4, 40])
+@pytest.mark.parametrize("mask", ["none", "idx", "bool", "per_row"])
+@pytest.mark.parametrize("glu", [False, True])
+def test_strided_weights(N, mask, glu):
+    # w2 = lin.weight.t() with w2_transposed=True (a strided [F, d] view of nn.Linear(F, d)'s
+    # weight) and a strided w1 / w3: results and gradients equal the reference, and the
+    # gradients are contiguous (on CUDA a strided zeros_like(w2) made the scatter refuse).
+    F, d = 29, 13
+    torch.manual_seed(15)
+    lin = torch.nn.Linear(F, d, dtype=D64)
+    w1 = torch.randn(d, F, dtype=D64).t().requires_grad_()      # [F, d], strides (1, F)
+    w3 = torch.randn(d, F, dtype=D64).t().requires_grad_() if glu else None
+    x = torch.randn(N, d, dtype=D64, requires_grad=True)
+    b1 = torch.randn(F, dtype=D64, requires_grad=True)
+    w2 = lin.weight.t()
+    assert not w1.is_contiguous() and not w2.is_contiguous()
+    m = masks(N, F)[mask]
+    params = [x, w1, lin.weight, b1, lin.bias] + ([w3] if glu else [])
+    kw = dict(b1=b1, b2=lin.bias, w3=w3, w2_transposed=True)
+    out = sparse_ops.gated_ffn(x, w1, w2, m, **kw)
+    ref = R.gated_ffn(x, w1, w2, m, **kw)
+    torch.testing.assert_close(out, ref)
+    gy = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, params, gy), torch.autograd.grad(ref, params, gy)):
+        torch.testing.assert_close(a, b)
+    # the op's own gradients (before autograd transposes dw2 back to lin.weight's layout)
+    res = torch.ops.sparse_ops.gated_ffn(x, w1, w2, b1, lin.bias, w3, m, None, "gelu", True, False)
+    grads = torch.ops.sparse_ops.gated_ffn_backward(gy, x, w1, w2, b1, w3, m, None, *res[1:], "gelu", True, False,
+                                                    [True, True, False])
+    for gr in grads[:6]:
+        assert gr.numel() == 0 or gr.is_contiguous()
+    assert grads[2].shape == (F, d)
+
+
+@pytest.mark.parametrize("N", [3, 37])
+@pytest.mark.parametrize("case", ["idx", "idx_glu_w2t", "per_row", "per_row_gate", "idx_row_gate",
+                                  "strided_w2t"])
+def test_opcheck_plan_outputs(N, case):
+    g = torch.Generator().manual_seed(16)
+    x, p = make(N, w2t=case in ("idx_glu_w2t", "strided_w2t"), glu=case == "idx_glu_w2t", grad=True)
+    active = {"idx": torch.tensor([9, 0, 5]), "idx_glu_w2t": torch.tensor([28, 3]),
+              "per_row": torch.rand(N, 29, generator=g) > 0.5, "per_row_gate": torch.rand(N, 29, generator=g) > 0.3,
+              "idx_row_gate": torch.tensor([1, 7, 20, 4]), "strided_w2t": torch.rand(29, generator=g) > 0.5}[case]
+    gate = None
+    if case in ("per_row_gate", "idx_row_gate"):
+        gate = (torch.rand(N, 29, generator=g, dtype=D64) * (torch.rand(N, 29, generator=g) > 0.3)).requires_grad_()
+    w2 = p["w2"]
+    if case == "strided_w2t":
+        w2 = torch.randn(13, 29, dtype=D64).t().requires_grad_()
+    args = (x, p["w1"], w2, p["b1"], p["b2"], p["w3"], active, gate, "gelu", case in ("idx_glu_w2t", "strided_w2t"),
+            False)
+    torch.library.opcheck(torch.ops.sparse_ops.gated_ffn.default, args)
+
+
+def test_fake_plan_shapes_static_k_for_indices():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+    x, p = make(6)
+    with FakeTensorMode(shape_env=ShapeEnv()) as mode:
+        fx, w1, w2 = (mode.from_tensor(t) for t in (x, p["w1"], p["w2"]))
+
+        def run(active, gate=None):
+            return torch.ops.sparse_ops.gated_ffn(fx, w1, w2, None, None, None, active, gate, "gelu", False, False)
+        out, idx, pre, up, rm, rg = run(mode.from_tensor(torch.tensor([3, 1, 8])))
+        assert idx.shape == (3,) and isinstance(idx.shape[0], int) and pre.shape == (6, 3)
+        assert rm.shape == (0,) and rm.dtype == torch.bool and rg.shape == (0,) and rg.dtype == torch.int64
+        out, idx, pre, up, rm, rg = run(mode.from_tensor(torch.rand(6, 29) > 0.5))
+        assert not isinstance(idx.shape[0], int)  # depends on the mask's values
+        assert rm.shape == (6, idx.shape[0]) and rm.dtype == torch.bool and rg.shape == (6,)
+        out, idx, pre, up, rm, rg = run(None, mode.from_tensor(torch.rand(6, 29, dtype=D64)))
+        assert rm.shape == (6, idx.shape[0]) and rg.shape == (6,)
+        out, idx, pre, up, rm, rg = run(None)
+        assert idx.shape == (29,) and rm.shape == (0,) and rg.shape == (0,)

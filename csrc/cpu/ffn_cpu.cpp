@@ -10,7 +10,9 @@
 // Inner loops are `omp simd` and compiled for AVX-512, AVX2+FMA and baseline x86-64
 // (target_clones picks at load time).
 //
-// Many rows: the gathered-GEMM path of csrc/ffn.cpp (BLAS on the compact weights).
+// Many rows: the gathered-GEMM path of csrc/ffn_compute.cpp (BLAS on the compact weights).
+// Backward: csrc/ffn_compute.cpp on the compact weights; the gradients are written into
+// full-size ones here (scatter_into_zeros).
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -18,7 +20,8 @@
 #include <cstring>
 #include <vector>
 
-#include "../ffn.h"
+#include "../ffn_compute.h"
+#include "../ffn_plan.h"
 #include "vectorize.h"
 
 namespace sparse_ops {
@@ -467,14 +470,14 @@ std::tuple<Tensor, Tensor, Tensor> forward_decode(const Tensor& x, const Tensor&
   return {out, pre, up};
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> gated_ffn_cpu(
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gated_ffn_cpu(
     const Tensor& x, const Tensor& w1, const Tensor& w2, const OptTensor& b1, const OptTensor& b2,
     const OptTensor& w3, const OptTensor& active, const OptTensor& gate, std::string activation,
     bool w2_transposed, bool /*dense_grad*/) {
   check_inputs(x, w1, w2, b1, b2, w3, active, gate, w2_transposed);
   const Act act = parse_activation(activation);
   const int64_t N = x.size(0), F = w1.size(0);
-  Active a = resolve_active(N, F, active, gate, x.options());
+  Active a = plan_forward(N, F, active, gate, x.options());
   std::tuple<Tensor, Tensor, Tensor> r;
   const auto st = x.scalar_type();
   // All columns active and more than a few rows: nothing to skip, and BLAS's GEMM beats
@@ -487,54 +490,34 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gated_ffn_cpu(
   } else {
     r = forward_gathered(x, w1, w2, b1, b2, w3, act, w2_transposed, a);
   }
-  return {std::get<0>(r), a.idx, std::get<1>(r), std::get<2>(r)};
+  return {std::get<0>(r), a.idx, std::get<1>(r), std::get<2>(r), a.saved_mask, a.saved_group};
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gated_ffn_backward_cpu(
-    const Tensor& grad_out, const Tensor& x, const Tensor& w1, const Tensor& w2, const OptTensor& b1,
-    const OptTensor& w3, const OptTensor& active, const OptTensor& gate, const Tensor& idx,
-    const Tensor& pre, const Tensor& up, std::string activation, bool w2_transposed, bool dense_grad,
-    std::array<bool, 3> need) {
-  // idx comes from the forward call, but the op is public: check it before anything indexes
-  // with it (a CPU pass over K int64s).
-  const Tensor ic = idx.contiguous();
-  TORCH_CHECK(ic.scalar_type() == at::kLong && ic.dim() == 1,
-              "gated_ffn_backward: idx must be int64 [K] (saved by gated_ffn); got ", ic.scalar_type(), " ",
-              ic.sizes());
-  const int64_t F = w1.size(0);
-  const int64_t* ip = ic.data_ptr<int64_t>();
-  for (int64_t k = 0; k < ic.numel(); ++k)
-    TORCH_CHECK(ip[k] >= 0 && ip[k] < F, "gated_ffn_backward: idx must be in [0, F) = [0, ", F, "); got ", ip[k],
-                " at position ", k);
-  return backward_gathered(grad_out, x, w1, w2, b1, w3, active, gate, idx, pre, up,
-                           parse_activation(activation), w2_transposed, dense_grad, need);
-}
-
-}  // namespace
-
-// A tensor of zeros shaped like `like` (2-D) holding src's rows (dim 0) or columns (dim 1) at
-// the positions idx, written in one pass: each element once. (zeros_like, then index_copy_,
-// wrote the active part twice and read it once more: at::fill_ plus index_copy_ were ~7% of a
+// A tensor of zeros [R, C] (contiguous) holding src's rows (dim 0) or columns (dim 1) at the
+// positions idx, written in one pass: each element once. (zeros_like, then index_copy_, wrote
+// the active part twice and read it once more: at::fill_ plus index_copy_ were ~7% of a
 // training step at keep 0.5, N=1024, d=768, F=3072. That step, in one process alternating
 // with the old path, medians of 16: w2 [d, F] 171.4 -> 160.4 ms, w2 transposed 149.8 -> 139.2
-// ms; gradients bitwise equal.)
-Tensor scatter_into_zeros(const Tensor& like, int64_t dim, const Tensor& idx, const Tensor& src_in) {
-  TORCH_CHECK(like.dim() == 2 && (dim == 0 || dim == 1), "gated_ffn: internal error: scatter_into_zeros on ",
-              like.dim(), "-D along dim ", dim);
-  const int64_t R = like.size(0), C = like.size(1), L = dim == 0 ? R : C;
+// ms; gradients bitwise equal.) A 1-D src [K] gives a 1-D result [R] (C = 1, dim 0).
+Tensor scatter_into_zeros(int64_t R, int64_t C, int64_t dim, const Tensor& idx, const Tensor& src_in) {
+  if (src_in.dim() == 1) {
+    TORCH_CHECK(dim == 0 && C == 1, "gated_ffn: internal error: 1-D scatter along dim ", dim);
+    return scatter_into_zeros(R, 1, 0, idx, src_in.view({-1, 1})).view({R});
+  }
+  TORCH_CHECK(dim == 0 || dim == 1, "gated_ffn: internal error: scatter_into_zeros along dim ", dim);
+  const int64_t L = dim == 0 ? R : C;
   const Tensor src = src_in.contiguous(), ic = idx.contiguous();
   const int64_t K = ic.size(0);
-  TORCH_CHECK(src.scalar_type() == like.scalar_type() && src.dim() == 2 && src.size(0) == (dim == 0 ? K : R) &&
-                  src.size(1) == (dim == 0 ? C : K),
-              "gated_ffn: internal error: scatter source ", src.scalar_type(), " ", src.sizes(), " for ", K,
-              " indices into ", like.scalar_type(), " ", like.sizes(), " along dim ", dim);
+  TORCH_CHECK(src.dim() == 2 && src.size(0) == (dim == 0 ? K : R) && src.size(1) == (dim == 0 ? C : K),
+              "gated_ffn: internal error: scatter source ", src.sizes(), " for ", K, " indices into [", R, ", ", C,
+              "] along dim ", dim);
   const int64_t* ip = ic.data_ptr<int64_t>();
   std::vector<int64_t> pos(dim == 0 ? R : 0, -1);
   for (int64_t k = 0; k < K; ++k) {
     TORCH_CHECK(ip[k] >= 0 && ip[k] < L, "gated_ffn: idx must be in [0, ", L, "); got ", ip[k]);
     if (dim == 0) pos[ip[k]] = k;
   }
-  Tensor out = at::empty({R, C}, like.options());
+  Tensor out = at::empty({R, C}, src.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "scatter_into_zeros", [&] {
     const scalar_t* s = src.data_ptr<scalar_t>();
     scalar_t* o = out.data_ptr<scalar_t>();
@@ -558,6 +541,46 @@ Tensor scatter_into_zeros(const Tensor& like, int64_t dim, const Tensor& idx, co
   });
   return out;
 }
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gated_ffn_backward_cpu(
+    const Tensor& grad_out, const Tensor& x, const Tensor& w1, const Tensor& w2, const OptTensor& b1,
+    const OptTensor& w3, const OptTensor& active, const OptTensor& gate, const Tensor& idx,
+    const Tensor& pre, const Tensor& up, const Tensor& row_mask, const Tensor& row_group, std::string activation,
+    bool w2_transposed, bool dense_grad, std::array<bool, 3> need) {
+  check_inputs(x, w1, w2, b1, std::nullopt, w3, active, gate, w2_transposed);
+  check_backward_inputs(grad_out, x, w1, w3, active, gate, idx, pre, up, row_mask, row_group);
+  const Act act = parse_activation(activation);
+  // idx comes from the forward call, but the op is public: check it before anything indexes
+  // with it (a CPU pass over K int64s).
+  const Tensor ic = idx.contiguous();
+  const int64_t N = x.size(0), d = x.size(1), F = w1.size(0);
+  const int64_t* ip = ic.data_ptr<int64_t>();
+  for (int64_t k = 0; k < ic.numel(); ++k)
+    TORCH_CHECK(ip[k] >= 0 && ip[k] < F, "gated_ffn_backward: idx must be in [0, F) = [0, ", F, "); got ", ip[k],
+                " at position ", k);
+  const Active a = plan_backward(F, gate, ic, row_mask, row_group);
+  Grads g = backward_compact(grad_out, x, w1, w2, b1, w3, active, gate, a, pre, up, act, w2_transposed,
+                             dense_grad, need);
+  // Full-size gradients: with every column active the compact ones are the full ones, returned
+  // as they are (zero-fill + copy of w1/w2-sized tensors cost ~9% of a dense fwd+bwd step at
+  // N=1024, d=768, F=3072); else written into zeros in one pass.
+  const Tensor empty = x.new_empty({0});
+  auto full = [&](const Tensor& c, bool is_full, int64_t R, int64_t C, int64_t dim) {
+    if (!c.defined()) return empty;
+    return is_full ? c : scatter_into_zeros(R, C, dim, ic, c);
+  };
+  const bool wf = g.weights_full;
+  Tensor dw1 = full(g.dW1a, wf, F, d, 0);
+  Tensor dw2 = w2_transposed ? full(g.dW2a, wf, F, d, 0) : full(g.dW2a, wf, d, F, 1);
+  Tensor dw3 = full(g.dW3a, wf, F, d, 0);
+  Tensor db1 = full(g.db1a, wf, F, 1, 0);
+  Tensor dgate = !g.dgate.defined() ? empty
+                 : g.dgate.dim() == 1 ? full(g.dgate, g.gate_full, F, 1, 0)
+                                      : full(g.dgate, g.gate_full, N, F, 1);
+  return {g.dx.defined() ? g.dx : empty, dw1, dw2, dw3, db1, g.db2.defined() ? g.db2 : empty, dgate};
+}
+
+}  // namespace
 
 TORCH_LIBRARY_IMPL(sparse_ops, CPU, m) {
   m.impl("gated_ffn", &gated_ffn_cpu);

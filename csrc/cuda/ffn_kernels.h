@@ -11,7 +11,7 @@ namespace cuda {
 enum class FfnDType { F32, F64, F16, BF16 };
 enum class FfnAct { Gelu = 0, GeluTanh = 1, Relu = 2, Silu = 3 };
 
-// Largest row count of the decode kernels (matches kDecodeMaxRows in csrc/ffn.h).
+// Largest row count of the decode kernels (matches kDecodeMaxRows in csrc/ffn_plan.h).
 constexpr int kFfnDecodeMaxRows = 16;
 
 // One decode call: raw pointers, all contiguous. Optional pointers may be null.

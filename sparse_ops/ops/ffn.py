@@ -122,49 +122,63 @@ def gated_ffn(x, w1, w2, active=None, *, b1=None, b2=None, w3=None, gate=None,
 
 
 # ----------------------------------------------------------------- registration
+def _per_row(active, gate) -> bool:
+    """Whether the columns that run differ by row: then the op returns its row plan."""
+    return (active is not None and active.dtype == torch.bool and active.dim() == 2) or \
+        (gate is not None and gate.dim() == 2)
+
+
 def _fake(x, w1, w2, b1, b2, w3, active, gate, activation, w2_transposed, dense_grad):
     N, d = x.shape
     F_ = w1.shape[0]
     if active is None and gate is None:
         K = F_
+    elif active is not None and active.dtype == torch.int64 and gate is None:
+        K = active.shape[0]  # distinct indices (the op refuses repeats): K is static
     else:
         # K (columns that run) depends on the mask's values; bounded by F when F is static.
         ctx = torch.library.get_ctx()
         K = ctx.new_dynamic_size(min=0, max=F_) if isinstance(F_, int) else ctx.new_dynamic_size()
     up = x.new_empty((N, K)) if w3 is not None else x.new_empty((0,))
-    return (x.new_empty((N, d)), x.new_empty((K,), dtype=torch.int64), x.new_empty((N, K)), up)
+    # The row plan: bool [N, K] / int64 [N] for per-row masks, else empty (shapes by input shapes).
+    per_row = _per_row(active, gate)
+    row_mask = x.new_empty((N, K) if per_row else (0,), dtype=torch.bool)
+    row_group = x.new_empty((N,) if per_row else (0,), dtype=torch.int64)
+    return (x.new_empty((N, d)), x.new_empty((K,), dtype=torch.int64), x.new_empty((N, K)), up,
+            row_mask, row_group)
 
 
-def _backward_fake(grad_out, x, w1, w2, b1, w3, active, gate, idx, pre, up, activation, w2_transposed,
-                   dense_grad, need):
+def _backward_fake(grad_out, x, w1, w2, b1, w3, active, gate, idx, pre, up, row_mask, row_group, activation,
+                   w2_transposed, dense_grad, need):
     e = x.new_empty((0,))
     nx, nw, ng = need
-    return (torch.empty_like(x) if nx else e,
-            torch.empty_like(w1) if nw else e,
-            torch.empty_like(w2) if nw else e,
-            torch.empty_like(w3) if (nw and w3 is not None) else e,
-            torch.empty_like(b1) if (nw and b1 is not None) else e,
+    # new_empty, not empty_like: the gradients are contiguous whatever the inputs' strides.
+    return (x.new_empty(x.shape) if nx else e,
+            x.new_empty(w1.shape) if nw else e,
+            x.new_empty(w2.shape) if nw else e,
+            x.new_empty(w3.shape) if (nw and w3 is not None) else e,
+            x.new_empty(b1.shape) if (nw and b1 is not None) else e,
             x.new_empty((x.shape[1],)) if nw else e,
-            torch.empty_like(gate) if (ng and gate is not None) else e)
+            x.new_empty(gate.shape) if (ng and gate is not None) else e)
 
 
 def _setup_context(ctx, inputs, output):
     x, w1, w2, b1, b2, w3, active, gate, activation, w2_transposed, dense_grad = inputs
-    _, idx, pre, up = output
-    ctx.save_for_backward(x, w1, w2, b1, w3, active, gate, idx, pre, up)
+    _, idx, pre, up, row_mask, row_group = output
+    ctx.save_for_backward(x, w1, w2, b1, w3, active, gate, idx, pre, up, row_mask, row_group)
     ctx.args = (activation, w2_transposed, dense_grad)
     ctx.has = (b1 is not None, b2 is not None, w3 is not None, gate is not None)
 
 
 def _backward(lookup):
-    def backward(ctx, grad_out, _g_idx, _g_pre, _g_up):
-        x, w1, w2, b1, w3, active, gate, idx, pre, up = ctx.saved_tensors
+    def backward(ctx, grad_out, _g_idx, _g_pre, _g_up, _g_row_mask, _g_row_group):
+        x, w1, w2, b1, w3, active, gate, idx, pre, up, row_mask, row_group = ctx.saved_tensors
         nig = ctx.needs_input_grad
         need = [bool(nig[0]), any(bool(nig[i]) for i in (1, 2, 3, 4, 5)), bool(nig[7])]
         if grad_out is None:
             grad_out = torch.zeros((x.shape[0], x.shape[1]), dtype=x.dtype, device=x.device)
         dx, dw1, dw2, dw3, db1, db2, dgate = lookup("gated_ffn_backward")(
-            grad_out, x, w1, w2, b1, w3, active, gate, idx, pre, up, *ctx.args, need)
+            grad_out, x, w1, w2, b1, w3, active, gate, idx, pre, up, row_mask, row_group, *ctx.args, need)
         has_b1, has_b2, has_w3, has_gate = ctx.has
         return (dx if nig[0] else None,
                 dw1 if nig[1] else None,

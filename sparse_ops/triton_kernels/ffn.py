@@ -264,22 +264,21 @@ def _effective_mask(N, F_, active, gate, device, include_gate=True):
     return torch.ones(F_, dtype=torch.bool, device=device) if m is None else m
 
 
-def _resolve(N, F_, active, gate, device, idx=None):
+def _resolve(N, F_, active, gate, device):
     """(idx [K], row_mask [N, K] or None, gate_a [K] / [N, K] or None) as in csrc.
 
     int64 indices without a gate: idx is the sorted indices (no host synchronisation). A bool
     mask or a gate: one synchronisation, for the count of columns that run (nonzero)."""
     if active is not None and active.dtype == torch.int64 and gate is None:
-        return (torch.sort(active).values if idx is None else idx), None, None
+        return torch.sort(active).values, None, None
     m = _effective_mask(N, F_, active, gate, device)
     row_mask = None
     if m.dim() == 2:
-        if idx is None:
-            idx = torch.nonzero(m.any(0)).flatten()
+        idx = torch.nonzero(m.any(0)).flatten()
         rm = m[:, idx]
         if not bool(rm.all()):
             row_mask = rm
-    elif idx is None:
+    else:
         idx = torch.nonzero(m).flatten()
     gate_a = gate[..., idx] if gate is not None else None
     return idx, row_mask, gate_a
@@ -321,18 +320,27 @@ def _check(x, w1, w2, b1, b2, w3, active, gate, activation, w2_transposed):
 
 
 def forward(x, w1, w2, b1, b2, w3, active, gate, activation, w2_transposed, dense_grad):
-    """sparse_ops::gated_ffn on the Triton kernels: (out, idx, pre, up)."""
+    """sparse_ops::gated_ffn on the Triton kernels: (out, idx, pre, up, row_mask, row_group)."""
     _check(x, w1, w2, b1, b2, w3, active, gate, activation, w2_transposed)
     x = x.contiguous()
     N, d = x.shape
     F_ = w1.shape[0]
     idx, row_mask, gate_a = _resolve(N, F_, active, gate, x.device)
     K = idx.shape[0]
+    # The plan for backward, as the C++ op returns it (no row grouping here: row_group is -1).
+    per_row = (active is not None and active.dtype == torch.bool and active.dim() == 2) or \
+        (gate is not None and gate.dim() == 2)
+    if per_row:
+        saved_mask = row_mask if row_mask is not None else torch.ones(N, K, dtype=torch.bool, device=x.device)
+        saved_group = torch.full((N,), -1, dtype=torch.int64, device=x.device)
+    else:
+        saved_mask = torch.empty(0, dtype=torch.bool, device=x.device)
+        saved_group = torch.empty(0, dtype=torch.int64, device=x.device)
     if 0 < N <= 16 and w2_transposed and K > 0:
         out, pre, up = rowmask_gemv(x, w1, w3, w2, b1, idx, row_mask, gate, activation)
         if b2 is not None:
             out = out + b2
-        return out, idx, pre, up
+        return out, idx, pre, up, saved_mask, saved_group
     pre = gather_n_mm(x, w1, idx, w1.stride(0), w1.stride(1), bias=b1)
     up = gather_n_mm(x, w3, idx, w3.stride(0), w3.stride(1)) if w3 is not None else x.new_empty(0)
     h = _acts.forward(activation)(pre)
@@ -344,17 +352,19 @@ def forward(x, w1, w2, b1, b2, w3, active, gate, activation, w2_transposed, dens
         h = torch.where(row_mask, h, torch.zeros((), dtype=h.dtype, device=h.device))
     s_k, s_e = _w2_strides(w2, w2_transposed)
     out = gather_k_mm(h.contiguous(), w2, idx, s_k, s_e, d, bias=b2)
-    return out, idx, pre, up
+    return out, idx, pre, up, saved_mask, saved_group
 
 
-def backward(grad_out, x, w1, w2, b1, w3, active, gate, idx, pre, up, activation, w2_transposed,
-             dense_grad, need):
+def backward(grad_out, x, w1, w2, b1, w3, active, gate, idx, pre, up, row_mask, row_group, activation,
+             w2_transposed, dense_grad, need):
     """sparse_ops::gated_ffn_backward on the Triton kernels."""
     x = x.contiguous()
     grad_out = grad_out.contiguous()
     N, d = x.shape
     F_ = w1.shape[0]
-    _, row_mask, gate_a = _resolve(N, F_, active, gate, x.device, idx=idx)
+    # The forward's plan: row_mask [N, K] for per-row masks (row_group is all -1 here), else [0].
+    row_mask = row_mask if row_mask.dim() == 2 else None
+    gate_a = gate[..., idx] if gate is not None else None
     need_x, need_w, need_g = need[0], need[1], need[2] and gate is not None
     zero = torch.zeros((), dtype=x.dtype, device=x.device)
 
