@@ -148,6 +148,10 @@ def test_errors_name_the_argument():
         head_out_proj(torch.zeros(B, T, 3 * D, dtype=F64), Wo, bo, idx(1), D)
     with pytest.raises(ValueError, match=r"samples\[0\] must hold indices"):
         grouped_head_in_proj(x, W, b, [idx(0, 4)], [idx(0, 1)], D)
+    with pytest.raises(ValueError, match=r"blocks\[1\] must hold indices in \[0, 5\); got values in \[2, 7\]"):
+        grouped_head_in_proj(x, W, b, [idx(0), idx(1, 2)], [idx(0), idx(2, 7)], D)
+    with pytest.raises(ValueError, match=r"samples\[1\] must hold indices in \[0, 4\)"):
+        grouped_head_out_proj([torch.zeros(1, T, D, dtype=F64)] * 2, Wo, bo, [idx(0), idx(-1)], [idx(0), idx(1)], B, D)
     with pytest.raises(ValueError, match=r"blocks\[1\] must hold R > 0 ids"):
         grouped_head_in_proj(x, W, b, [idx(0), idx(1, 2)], [idx(0), idx(1, 2, 3)], D)
     with pytest.raises(ValueError, match="one entry per group"):
