@@ -150,6 +150,32 @@ def test_many_query_and_key_blocks(Tq, Tk, causal, am_kind, layout):
                 ref.detach().float(), torch.float32)
 
 
+@pytest.mark.parametrize("Tq,Tk,am_kind", [(130, 1100, "none"), (700, 1030, "float"), (70, 513, "pad_front")])
+@pytest.mark.parametrize("mask", ["bool", "gate"])
+def test_every_pair_causal(Tq, Tk, am_kind, mask):
+    """Every pair on with is_causal: the CPU forward runs its direct kernel (not ATen's flash), the
+    backward ATen's flash backward on its lse; both equal the reference, fully masked rows included."""
+    B, H, D = 2, 3, 12
+    q, k, v = qkv(B, H, Tq, Tk, D, D64, layout="bthd", grad=True)
+    g = torch.Generator().manual_seed(4)
+    hm = torch.ones(B, H, dtype=torch.bool) if mask == "bool" else \
+        (torch.rand(B, H, generator=g, dtype=D64) + 0.5).requires_grad_()
+    am = None
+    if am_kind == "float":
+        am = torch.randn(1, H, 1, Tk, generator=g, dtype=D64)
+    elif am_kind == "pad_front":
+        am = torch.ones(B, 1, 1, Tk, dtype=torch.bool)
+        am[0, ..., :40] = False  # with causality, query rows < 40 of sample 0 see no key
+    out = mha(q, k, v, hm, attn_mask=am, is_causal=True)
+    hm2 = hm.detach().clone().requires_grad_(hm.requires_grad)
+    ref = R.masked_head_attention(q, k, v, hm2, attn_mask=am, is_causal=True)
+    check_close(out, ref, D64)
+    go = torch.randn_like(ref)
+    ins, ins2 = [q, k, v] + ([hm] if hm.requires_grad else []), [q, k, v] + ([hm2] if hm.requires_grad else [])
+    for a, b in zip(torch.autograd.grad(out, ins, go), torch.autograd.grad(ref, ins2, go)):
+        check_close(a, b, D64)
+
+
 def test_strided_and_broadcast_inputs():
     """k and v expanded over heads (stride 0) and a non-contiguous q are read correctly."""
     B, H, T, D = 2, 4, 9, 6
