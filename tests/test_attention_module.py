@@ -220,7 +220,7 @@ def test_head_mask_equals_reference(mask, batch_first, am):
     ins2 = [q] + params(mha) + ([m2] if m.requires_grad else [])
     ga, gb = grads(out, ins, go), grads(ref, ins2, go)
     if m.requires_grad:
-        # Straight-through gate gradient (DESIGN.md): exact where the head ran, 0 where it was skipped.
+        # Straight-through gate gradient (docs/design.md): exact where the head ran, 0 where it was skipped.
         gb = gb[:-1] + (torch.where(m.detach() != 0, gb[-1], 0.0),)
     for a, b in zip(ga, gb):
         torch.testing.assert_close(a, b, **tol(F32))

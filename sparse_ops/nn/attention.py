@@ -37,7 +37,7 @@ add_bias_kv / add_zero_attn with every head on, and nested tensors (nn.Multihead
 Semantics with a head mask m (bool, or float where exactly 0 means off): the output of
 nn.MultiheadAttention computed with head h's attention output multiplied by m[b, h] before
 out_proj (Hugging Face head_mask style). A float gate gets the straight-through gradient of
-DESIGN.md: exact for heads that ran, 0 for heads that were skipped (exact too with
+docs/design.md: exact for heads that ran, 0 for heads that were skipped (exact too with
 dense_grad=True, which then computes every head densely).
 """
 from __future__ import annotations
