@@ -2,7 +2,8 @@
 backend -> launcher table per op, shared by the C++ kernels and their Triton twins.
 
 - Schema: TORCH_LIBRARY in csrc/ops.cpp, the only place one is written. The Triton
-  implementation of an op `name` is registered here as the twin op `name_triton` with the
+  implementation of an op `name` is registered here as the twin op `name_triton` (backward ops:
+  `<op>_triton_backward`) with the
   schema text read back from the compiled library, so both take the same arguments and return
   the same tensors (a build without the extension has no schemas, and so no Triton backend:
   every op then runs the reference, as `SPARSE_OPS_NO_EXT=1` documents).
@@ -84,8 +85,15 @@ def _schema(name: str) -> str:
     return s[s.index("("):]
 
 
+def twin_name(name: str) -> str:
+    """The Triton twin's op name: gated_ffn -> gated_ffn_triton, gated_ffn_backward ->
+    gated_ffn_triton_backward."""
+    base, sep, _ = name.rpartition("_backward")
+    return f"{base}_triton_backward" if sep and not _ else f"{name}_triton"
+
+
 def triton_op(name: str):
-    """The Triton twin of op `name` (`torch.ops.sparse_ops.<name>_triton`), registered on first use."""
+    """The Triton twin of op `name` (torch.ops.sparse_ops.<twin_name(name)>), registered on first use."""
     op = _TWINS.get(name)
     if op is not None:
         return op
@@ -93,7 +101,7 @@ def triton_op(name: str):
         raise RuntimeError(f"{name}: the Triton backend takes its schemas from sparse_ops._C, which is not "
                            f"loaded ({_backend.EXT_ERROR})")
     spec = _SPECS[name]
-    op = torch.library.custom_op(f"sparse_ops::{name}_triton", spec.triton(), mutates_args=(),
+    op = torch.library.custom_op(f"sparse_ops::{twin_name(name)}", spec.triton(), mutates_args=(),
                                  schema=_schema(name))
     op.register_fake(spec.fake)
     _TWINS[name] = op
