@@ -215,6 +215,7 @@ static Tensor mask_indices(const Tensor& m) {
 
 // Whether every entry of a CPU bool tensor is true (one memchr pass; bools are bytes 0 / 1).
 static bool all_true_cpu(const Tensor& m) {
+  if (m.numel() == 0) return true;
   const Tensor mc = m.contiguous();
   return std::memchr(mc.data_ptr<bool>(), 0, size_t(mc.numel())) == nullptr;
 }
@@ -302,10 +303,12 @@ static std::vector<RowGroup> find_row_groups(const Tensor& m, const Tensor& idx,
   }
   a.saved_group = at::tensor(group_of, lopt);
   a.saved_mask = at::empty({N, K}, mc.options());
-  bool* dst = a.saved_mask.data_ptr<bool>();
-  at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
-    for (int64_t n = n0; n < n1; ++n) std::memcpy(dst + n * K, pattern.data() + group_of[n] * K, size_t(K));
-  });
+  if (K > 0) {
+    bool* dst = a.saved_mask.data_ptr<bool>();
+    at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
+      for (int64_t n = n0; n < n1; ++n) std::memcpy(dst + n * K, pattern.data() + group_of[n] * K, size_t(K));
+    });
+  }
   return out;
 }
 
@@ -324,7 +327,7 @@ static std::vector<RowGroup> groups_from_plan(const Tensor& row_mask, const Tens
                 "[0, N) = [0, ", N, ") for every row (saved by gated_ffn); got ", g, " at row ", n);
     if (g >= int64_t(members.size())) members.resize(size_t(g) + 1);
     auto& rows = members[size_t(g)];
-    if (!rows.empty())
+    if (!rows.empty() && K > 0)
       TORCH_CHECK(std::memcmp(mp + rows[0] * K, mp + n * K, size_t(K)) == 0,
                   "gated_ffn_backward: rows ", rows[0], " and ", n, " share row_group ", g,
                   " but not their row_mask (saved by gated_ffn)");

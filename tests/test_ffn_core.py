@@ -635,3 +635,18 @@ def test_fake_plan_shapes_static_k_for_indices():
         assert rm.shape == (6, idx.shape[0]) and rg.shape == (6,)
         out, idx, pre, up, rm, rg = run(None)
         assert idx.shape == (29,) and rm.shape == (0,) and rg.shape == (0,)
+
+
+@pytest.mark.parametrize("N", [1, 4, 40])
+@pytest.mark.parametrize("fill", [False, True])
+@pytest.mark.parametrize("gated", [False, True])
+def test_per_row_masks_all_off_or_all_on(N, fill, gated):
+    # Every row alike: no column runs (K = 0), or all of them (K = F); at N = 40 the CPU forward
+    # takes the grouping path with one group.
+    m = torch.full((N, 29), fill, dtype=torch.bool)
+    gate = torch.rand(N, 29, generator=torch.Generator().manual_seed(17), dtype=D64) + 0.1 if gated else None
+    x, p = make(N, w2t=True, glu=True)
+    out, idx, pre, up, rm, rg = _op(x, p, m, gate, True)
+    assert idx.shape == (29 if fill else 0,) and rm.shape == (N, idx.shape[0]) and rg.shape == (N,)
+    assert torch.equal(rg, torch.full((N,), 0 if N >= 32 else -1))
+    _grads_vs_reference(N, m, gate, True, True)
