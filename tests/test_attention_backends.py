@@ -13,7 +13,7 @@ import sparse_ops
 from sparse_ops import backend as _backend
 from sparse_ops import reference as _reference
 from sparse_ops.nn import SparseMultiheadAttention
-from test_attention_module import B, D, E, H, S, attn_mask_cases, inputs, make, masks, params, reference, tol
+from test_attention_module import D, E, H, S, attn_mask_cases, inputs, make, masks, params, reference, tol
 
 F32 = torch.float32
 
