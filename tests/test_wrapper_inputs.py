@@ -36,3 +36,23 @@ def test_meta_inputs_give_meta_outputs(active):
                                              meta(2, 3, dtype=torch.bool))
     assert y.device.type == "meta" and y.shape == (2, 3, 5)
     assert o.device.type == "meta" and o.shape == (2, 3, 4, 8)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "torch", "triton"])
+def test_repeated_or_out_of_range_indices_refused_on_every_backend(backend):
+    x, w1, w2 = torch.randn(2, 4), torch.randn(6, 4), torch.randn(4, 6)
+    for bad in ([1, 1], [0, 6], [-1]):
+        with pytest.raises((ValueError, RuntimeError), match="active indices must be (distinct|in)"):
+            sparse_ops.gated_ffn(x, w1, w2, torch.tensor(bad), backend=backend)
+
+
+def test_triton_gradients_contiguous_like_the_fake():
+    # The op's fake promises contiguous weight gradients whatever the weights' strides; opcheck
+    # compares the real kernel's against it.
+    from sparse_ops.ops import registry
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    w1 = torch.randn(5, 7, dtype=torch.float64).t().requires_grad_()   # [7, 5], strided
+    w2 = torch.randn(5, 7, dtype=torch.float64).t().requires_grad_()   # [7, 5] transposed layout, strided
+    args = (x, w1, w2, None, None, None, torch.tensor([0, 4, 6]), None, "silu", True, False)
+    torch.library.opcheck(registry.triton_op("gated_ffn"), args)

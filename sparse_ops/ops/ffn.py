@@ -107,7 +107,9 @@ def gated_ffn(x, w1, w2, active=None, *, b1=None, b2=None, w3=None, gate=None,
     """act(x w1^T + b1) [* (x w3^T)] * mask * gate, then w2 and b2; inactive columns never run.
 
     x [..., d]; w1, w3 [F, d]; w2 [d, F] (nn.Linear layout) or [F, d] with w2_transposed=True.
-    active: None (all), int64 indices [K] or bool [F] shared by all rows, or bool [..., F] per row.
+    active: None (all), int64 indices [K] (distinct, in [0, F)) or bool [F] shared by all rows, or
+    bool [..., F] per row. A bool mask or a gate costs one host synchronisation on CUDA (the count of
+    columns that run); int64 indices without a gate cost none (they are checked on the device).
     gate: float, broadcastable to [..., F]; a gate of exactly 0 skips its unit (straight-through
     gradient: exact for units that ran; for skipped units 0, or exact with dense_grad=True).
     activation: 'gelu' | 'gelu_tanh' | 'relu' | 'silu'. Returns a tensor shaped like x.
@@ -203,6 +205,11 @@ def _triton_backward():
 
 
 def _reference_forward(x, w1, w2, b1, b2, w3, active, gate, activation, w2_transposed, dense_grad):
+    if active is not None and active.dtype == torch.int64 and active.numel() and active.device.type != "meta":
+        # The same rule as the kernels (the reference itself would treat the indices as a set).
+        F_ = w1.shape[0]
+        if int(active.min()) < 0 or int(active.max()) >= F_ or torch.unique(active).numel() != active.numel():
+            raise ValueError(f"gated_ffn: active indices must be distinct and in [0, F) = [0, {F_})")
     return _reference.gated_ffn(x, w1, w2, active, b1=b1, b2=b2, w3=w3, gate=gate, activation=activation,
                                 w2_transposed=w2_transposed, dense_grad=dense_grad)
 

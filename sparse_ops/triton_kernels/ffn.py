@@ -284,6 +284,11 @@ def _resolve(N, F_, active, gate, device):
     return idx, row_mask, gate_a
 
 
+def _zeros(t):
+    """Zeros shaped like t, contiguous whatever t's strides (the op's fake promises contiguous gradients)."""
+    return torch.zeros(t.shape, dtype=t.dtype, device=t.device)
+
+
 def _w2_strides(w2, w2_transposed):
     """(stride along the hidden dim F, stride along d) of w2 in either layout."""
     return (w2.stride(0), w2.stride(1)) if w2_transposed else (w2.stride(1), w2.stride(0))
@@ -377,7 +382,7 @@ def backward(grad_out, x, w1, w2, b1, w3, active, gate, idx, pre, up, row_mask, 
     h = act_v * up if w3 is not None else act_v
     dgate = x.new_empty(0)
     if need_g:
-        dgate = torch.zeros_like(gate)
+        dgate = _zeros(gate)
         if dense_grad:
             hf = _acts.forward(activation)(torch.nn.functional.linear(x, w1, b1))
             if w3 is not None:
@@ -395,7 +400,7 @@ def backward(grad_out, x, w1, w2, b1, w3, active, gate, idx, pre, up, row_mask, 
     if need_w:
         hg = h * gate_a if gate_a is not None else h
         hg = masked(hg).contiguous()
-        dw2 = torch.zeros_like(w2)
+        dw2 = _zeros(w2)
         if w2_transposed:
             scatter_tn(hg, grad_out, idx, dw2, dw2.stride(0), dw2.stride(1))
         else:
@@ -414,9 +419,11 @@ def backward(grad_out, x, w1, w2, b1, w3, active, gate, idx, pre, up, row_mask, 
             if w3 is not None:
                 dx = dx + gather_k_mm(dup, w3, idx, w3.stride(0), w3.stride(1), d)
         if need_w:
-            dw1 = scatter_tn(dpre, x, idx, torch.zeros_like(w1), w1.stride(0), w1.stride(1))
+            dw1 = _zeros(w1)
+            scatter_tn(dpre, x, idx, dw1, dw1.stride(0), dw1.stride(1))
             if w3 is not None:
-                dw3 = scatter_tn(dup, x, idx, torch.zeros_like(w3), w3.stride(0), w3.stride(1))
+                dw3 = _zeros(w3)
+                scatter_tn(dup, x, idx, dw3, dw3.stride(0), dw3.stride(1))
             if b1 is not None:
-                db1 = torch.zeros_like(b1).index_copy_(0, idx, dpre.sum(0))
+                db1 = _zeros(b1).index_copy_(0, idx, dpre.sum(0))
     return dx, dw1, dw2, dw3, db1, db2, dgate
