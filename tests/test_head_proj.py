@@ -1,6 +1,6 @@
 """sparse_ops.ops.head_proj: the shared and grouped head projections equal their dense
 formulas (forward, gradients, gradcheck), give exact-zero gradients to blocks / heads no sample
-uses, sum over a sample that is in several groups, and refuse bad arguments with errors naming
+uses, and refuse bad arguments (out-of-range ids, a sample in two groups) with errors naming
 them; sparse_ops/ops imports nothing from sparse_ops/nn."""
 import ast
 import pathlib
@@ -65,7 +65,7 @@ def grouped_in_ref(x, W, b, samples, blocks):
 PLANS = {
     "two_groups": ([idx(0, 2), idx(3)], [idx(1, 0, 4, 1), idx(2, 3, 4)]),  # sample 1 in no group
     "one_group_all": ([None], [idx(0, 1, 2, 3, 1, 4, 0, 4)]),
-    "overlapping": ([idx(1, 2), idx(2, 0), None], [idx(0, 4), idx(3, 1), idx(2, 2, 2, 2)]),  # sample 2 twice
+    "three_groups": ([idx(1, 2), idx(0), idx(3)], [idx(0, 4), idx(3, 1, 2), idx(2, 2, 2, 2)]),  # a block twice
 }
 
 
@@ -122,8 +122,8 @@ def test_nan_in_unused_blocks_does_not_leak():
     with torch.no_grad():
         W[2 * D:3 * D] = float("nan")
         Wo[:, 2 * D:3 * D] = float("nan")
-    samples, blocks = [idx(0, 1), None], [idx(0, 1, 4, 3), idx(1, 0, 3, 4)]
-    ys = grouped_head_in_proj(x, W, b, samples, blocks, D)  # [2, T, 2D], [B, T, 2D]
+    samples, blocks = [idx(0, 1), idx(3, 2)], [idx(0, 1, 4, 3), idx(1, 0, 3, 4)]
+    ys = grouped_head_in_proj(x, W, b, samples, blocks, D)  # [2, T, 2D] each
     out = grouped_head_out_proj(ys, Wo, bo, samples, blocks, B, D)  # the same blocks as heads
     out.sum().backward()
     assert torch.isfinite(out).all() and torch.isfinite(x.grad).all()
@@ -154,6 +154,12 @@ def test_errors_name_the_argument():
         grouped_head_out_proj([torch.zeros(1, T, D, dtype=F64)] * 2, Wo, bo, [idx(0), idx(-1)], [idx(0), idx(1)], B, D)
     with pytest.raises(ValueError, match=r"blocks\[1\] must hold R > 0 ids"):
         grouped_head_in_proj(x, W, b, [idx(0), idx(1, 2)], [idx(0), idx(1, 2, 3)], D)
+    with pytest.raises(ValueError, match="a sample id appears twice"):
+        grouped_head_in_proj(x, W, b, [idx(0, 2), idx(2)], [idx(0, 1), idx(1)], D)
+    with pytest.raises(ValueError, match="a sample id appears twice"):
+        grouped_head_out_proj([torch.zeros(2, T, D, dtype=F64)], Wo, bo, [idx(1, 1)], [idx(0, 1)], B, D)
+    with pytest.raises(ValueError, match=r"samples\[1\] is None \(every sample\) but there are 2 groups"):
+        grouped_head_in_proj(x, W, b, [idx(0), None], [idx(0), idx(1, 2, 3, 4)], D)
     with pytest.raises(ValueError, match="one entry per group"):
         grouped_head_in_proj(x, W, b, [idx(0)], [idx(0), idx(1)], D)
     with pytest.raises(TypeError, match="must be lists"):

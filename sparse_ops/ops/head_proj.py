@@ -14,8 +14,9 @@ are not chosen are never read, and their weight and bias gradients are exact zer
                                                                group
 
 The arguments are tensors, lists of tensors and plain ints (the schema a torch op could be
-registered with). Index tensors are int64 and are checked against their bounds (one aminmax
-each, skipped while torch.compile traces). This module imports nothing from sparse_ops.nn.
+registered with). Index tensors are int64 and are checked against their bounds (one aminmax per
+list), and a grouped op's samples for being in one group at most (one unique); both are skipped
+while torch.compile traces (data-dependent). This module imports nothing from sparse_ops.nn.
 """
 from __future__ import annotations
 
@@ -195,10 +196,8 @@ class _GroupedInProj(torch.autograd.Function):
                 dx = torch.bmm(gy, Wg)
                 if whole:
                     gx = dx
-                elif S_t is None:
-                    gx.add_(dx)
                 else:
-                    gx.index_add_(0, S_t, dx)  # a sample in several groups gets the sum
+                    gx.index_copy_(0, S_t, dx)  # every sample is in one group at most
             if need_W:
                 gW.view(-1, D * Ein).index_add_(0, idx, torch.bmm(gy.transpose(1, 2), xs).view(-1, D * Ein))
             if need_b:
@@ -207,9 +206,9 @@ class _GroupedInProj(torch.autograd.Function):
 
 
 class _GroupedOutProj(torch.autograd.Function):
-    """Out-projection of groups of samples with K heads each: out[S_g] += o_g @ Wo[:, heads]^T,
-    out = bo (or 0) first; o_g [n, L, K*D], heads idx_g [n*K] (Wo viewed [E, H, D]); samples in no
-    group get bo (or 0). plan: [(S_g or None, n, K, idx_g)]. Columns no sample uses get exact-zero
+    """Out-projection of groups of samples with K heads each: out[S_g] = o_g @ Wo[:, heads]^T + bo,
+    o_g [n, L, K*D], heads idx_g [n*K] (Wo viewed [E, H, D]); samples in no group get bo (or 0).
+    plan: [(S_g or None, n, K, idx_g)], disjoint groups. Columns no sample uses get exact-zero
     gradients."""
 
     @staticmethod
@@ -227,12 +226,11 @@ class _GroupedOutProj(torch.autograd.Function):
         for (S_t, n, K, idx), o in zip(plan, os):
             Wg = Wo.view(E, -1, D).index_select(1, idx)  # [E, n*K, D]
             Wt = Wg.view(E, n, K * D).permute(1, 2, 0)  # [n, K*D, E]
+            y = torch.bmm(o, Wt) if bo is None else torch.baddbmm(bo.view(1, 1, E), o, Wt)
             if whole:
-                out = torch.bmm(o, Wt) if bo is None else torch.baddbmm(bo.view(1, 1, E), o, Wt)
-            elif S_t is None:
-                out.baddbmm_(o, Wt)
+                out = y
             else:
-                out.index_add_(0, S_t, torch.bmm(o, Wt))  # a sample in several groups gets the sum
+                out.index_copy_(0, S_t, y)  # every sample is in one group at most
             Wgs.append(Wg)
         ctx.save_for_backward(*os, *Wgs)
         ctx.plan, ctx.meta = plan, (Wo.shape, bo is not None, D)
@@ -280,7 +278,15 @@ def _group_sizes(op, x_batch, samples, idx_list, idx_name, bound, like):
                              f"(a non-empty group); got {idx.numel()} ids")
         plan.append((S, n, idx.numel() // n, idx))
     sg = [g for g, S in enumerate(samples) if S is not None]
+    if len(plan) > 1 and len(sg) < len(plan):
+        raise ValueError(f"{op}: samples[{next(g for g in range(len(plan)) if samples[g] is None)}] is None "
+                         f"(every sample) but there are {len(plan)} groups; groups must not share samples")
     _check_bounds(op, [f"samples[{g}]" for g in sg], [samples[g] for g in sg], x_batch)
+    if sg and not torch.compiler.is_compiling():
+        every = samples[sg[0]] if len(sg) == 1 else torch.cat([samples[g] for g in sg])
+        if torch.unique(every).numel() < every.numel():
+            raise ValueError(f"{op}: samples: a sample id appears twice (in one group or in two); each sample "
+                             f"belongs to one group at most")
     _check_bounds(op, [f"{idx_name}[{g}]" for g in range(len(plan))], list(idx_list), bound)
     return tuple(plan)
 
@@ -292,9 +298,9 @@ def grouped_head_in_proj(x: Tensor, weight: Tensor, bias: Tensor | None, samples
     x [B, T, E_in]; weight [N * block_rows, E_in] seen as N blocks (bias [N * block_rows] or None);
     samples[g]: int64 [n_g] sample ids, or None for every sample of x (n_g = B); blocks[g]: int64
     [n_g * R_g], sample i's R_g block ids at [i * R_g, (i + 1) * R_g). Returns one
-    [n_g, T, R_g * block_rows] tensor per group, sample i's blocks in its order. One batched GEMM
-    per group ([n_g, T, E_in] @ [n_g, E_in, R_g * block_rows]), one autograd Function for all
-    groups (see _GroupedInProj); a sample in several groups gets the sum of its input gradients.
+    [n_g, T, R_g * block_rows] tensor per group, sample i's blocks in its order. A sample belongs to
+    one group at most (checked). One batched GEMM per group ([n_g, T, E_in] @
+    [n_g, E_in, R_g * block_rows]), one autograd Function for all groups (see _GroupedInProj).
     """
     op = "grouped_head_in_proj"
     _check_tensor(op, "x", x, 3)
@@ -308,12 +314,12 @@ def grouped_head_in_proj(x: Tensor, weight: Tensor, bias: Tensor | None, samples
 def grouped_head_out_proj(os: Sequence[Tensor], weight: Tensor, bias: Tensor | None,
                           samples: Sequence[Tensor | None], heads: Sequence[Tensor], batch: int,
                           head_dim: int) -> Tensor:
-    """out [batch, L, E]: bias (or 0) plus, for each group g, os[g] @ weight[:, heads of each sample]^T
-    added into the rows samples[g] (None: every sample).
+    """out [batch, L, E]: for each group g, rows samples[g] (None: every sample) are
+    os[g] @ weight[:, heads of each sample]^T + bias; the rows of samples in no group are the bias (or 0).
 
     os[g] [n_g, L, K_g * head_dim]; weight [E, H * head_dim]; heads[g]: int64 [n_g * K_g], sample i's
-    K_g head ids at [i * K_g, (i + 1) * K_g) in os[g]'s order. Samples in no group get the bias;
-    a sample in several groups gets the sum. One batched GEMM per group ([n_g, L, K_g * head_dim] @
+    K_g head ids at [i * K_g, (i + 1) * K_g) in os[g]'s order. A sample belongs to one group at most
+    (checked). One batched GEMM per group ([n_g, L, K_g * head_dim] @
     [n_g, K_g * head_dim, E]), one autograd Function for all groups (see _GroupedOutProj).
     """
     op = "grouped_head_out_proj"
