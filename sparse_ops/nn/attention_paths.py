@@ -107,6 +107,15 @@ def forward_sparse(w: Weights, q_in, k_in, v_in, m, on, mask4, causal, dropout_p
       One GEMM per run of consecutive heads reading the weights in place (no gathers, ~80
         small GEMMs per call) lost on a loaded machine: the number of ops, each of which
         synchronises both threads, mattered more than the 37 MB of weight copies saved.
+    With masked_head_attention as the attention core, against the module of b31d13d in one
+    process (bench/ab_mha.py: same shapes, old/new/old call by call, paired medians of 40 forward
+    / 16 training rounds; time old/new, 1.0 = unchanged):
+      2 threads, forward: shared keep 0.5 0.991-1.000, per-sample keep 0.5 0.998-1.002, keep 0.25
+        0.988-1.016, Bernoulli(0.5) 0.973-1.006; forward+backward: shared 0.979, per-sample keep
+        0.5 1.004, keep 0.25 1.003-1.063, Bernoulli 0.914-0.997 (A/A 0.93-1.12);
+      1 thread, thread CPU time (not inflated by descheduling): forward 0.968-0.994, forward+backward
+        0.970-0.990 (A/A 0.93-1.01); Bernoulli's 5 groups make 5 op calls, each ~0.24 ms (forward +
+        backward, tiny shapes, 1 thread) above F.scaled_dot_product_attention's.
     """
     B = q_in.shape[0]
     H = w.num_heads
