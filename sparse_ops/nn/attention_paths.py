@@ -107,6 +107,19 @@ def forward_sparse(w: Weights, q_in, k_in, v_in, m, on, mask4, causal, dropout_p
       One GEMM per run of consecutive heads reading the weights in place (no gathers, ~80
         small GEMMs per call) lost on a loaded machine: the number of ops, each of which
         synchronises both threads, mattered more than the 37 MB of weight copies saved.
+    With masked_head_attention as the attention core, against the module of b31d13d in one
+    process (bench/ab_mha.py: same shapes, old/new/old call by call, paired medians of 40 forward
+    / 16-24 training rounds; time old/new, 1.0 = unchanged):
+      2 threads, machine quiet (load < 1.7; A/A 0.967-1.019): forward shared keep 0.5 0.982,
+        per-sample keep 0.5 1.000, keep 0.25 0.982, Bernoulli(0.5) 0.977-0.994 (3 runs);
+        forward+backward shared 0.990, per-sample keep 0.5 0.989, keep 0.25 1.012, Bernoulli
+        0.942-0.990 (3 runs). Loaded (load 3-8; A/A 0.93-1.12): forward 0.973-1.016, forward+
+        backward 0.914-1.063.
+      1 thread, thread CPU time (not inflated by descheduling; A/A 0.93-1.01): forward
+        0.968-0.994, forward+backward 0.970-0.990.
+    Bernoulli's 5 groups make 5 op calls; one costs ~0.24 ms more than
+    F.scaled_dot_product_attention forward + backward (tiny shapes, 1 thread: the op's autograd
+    wrapper and checks).
     """
     B = q_in.shape[0]
     H = w.num_heads
