@@ -13,6 +13,38 @@ import torch.nn.functional as F
 from . import activations as _acts
 
 
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The type the ops accumulate in (and save lse in): float64 for float64, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def ffn_per_row(active, gate) -> bool:
+    """Whether gated_ffn's running columns differ by row (then the op returns its row plan)."""
+    return (active is not None and active.dtype == torch.bool and active.dim() == 2) or \
+        (gate is not None and gate.dim() == 2)
+
+
+def check_ffn_indices(active, F_: int, op: str = "gated_ffn") -> None:
+    """int64 `active` must be 1-D, distinct and in [0, F), on every backend.
+
+    On CUDA the check runs on the device (torch._assert_async: no host synchronisation); on the
+    host it raises ValueError here. Meta tensors have no values to check."""
+    if active is None or active.dtype != torch.int64 or active.device.type == "meta":
+        return
+    if active.dim() != 1:
+        raise ValueError(f"{op}: active indices must be 1-D [K]; got {list(active.shape)}")
+    if active.numel() == 0:
+        return
+    srt = torch.sort(active).values
+    ok = (srt[0] >= 0) & (srt[-1] < F_) & (srt[1:] > srt[:-1]).all()
+    msg = f"{op}: active indices must be distinct and in [0, F) = [0, {F_})"
+    if active.is_cuda:
+        torch._assert_async(ok, msg)
+    elif not bool(ok):
+        raise ValueError(f"{msg}; got min {int(srt[0])}, max {int(srt[-1])}, "
+                         f"{int((srt[1:] == srt[:-1]).sum())} repeated")
+
+
 def ffn_mask(active, F_: int, device) -> torch.Tensor:
     """`active` (None, int64 [K], bool [F] or bool [..., F]) as a bool mask broadcastable to [..., F]."""
     if active is None:

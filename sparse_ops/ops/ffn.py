@@ -124,12 +124,6 @@ def gated_ffn(x, w1, w2, active=None, *, b1=None, b2=None, w3=None, gate=None,
 
 
 # ----------------------------------------------------------------- registration
-def _per_row(active, gate) -> bool:
-    """Whether the columns that run differ by row: then the op returns its row plan."""
-    return (active is not None and active.dtype == torch.bool and active.dim() == 2) or \
-        (gate is not None and gate.dim() == 2)
-
-
 def _fake(x, w1, w2, b1, b2, w3, active, gate, activation, w2_transposed, dense_grad):
     N, d = x.shape
     F_ = w1.shape[0]
@@ -143,7 +137,7 @@ def _fake(x, w1, w2, b1, b2, w3, active, gate, activation, w2_transposed, dense_
         K = ctx.new_dynamic_size(min=0, max=F_) if isinstance(F_, int) else ctx.new_dynamic_size()
     up = x.new_empty((N, K)) if w3 is not None else x.new_empty((0,))
     # The row plan: bool [N, K] / int64 [N] for per-row masks, else empty (shapes by input shapes).
-    per_row = _per_row(active, gate)
+    per_row = _reference.ffn_per_row(active, gate)
     row_mask = x.new_empty((N, K) if per_row else (0,), dtype=torch.bool)
     row_group = x.new_empty((N,) if per_row else (0,), dtype=torch.int64)
     return (x.new_empty((N, d)), x.new_empty((K,), dtype=torch.int64), x.new_empty((N, K)), up,
@@ -205,11 +199,7 @@ def _triton_backward():
 
 
 def _reference_forward(x, w1, w2, b1, b2, w3, active, gate, activation, w2_transposed, dense_grad):
-    if active is not None and active.dtype == torch.int64 and active.numel() and active.device.type != "meta":
-        # The same rule as the kernels (the reference itself would treat the indices as a set).
-        F_ = w1.shape[0]
-        if int(active.min()) < 0 or int(active.max()) >= F_ or torch.unique(active).numel() != active.numel():
-            raise ValueError(f"gated_ffn: active indices must be distinct and in [0, F) = [0, {F_})")
+    _reference.check_ffn_indices(active, w1.shape[0])  # the kernels' rule (the reference alone treats them as a set)
     return _reference.gated_ffn(x, w1, w2, active, b1=b1, b2=b2, w3=w3, gate=gate, activation=activation,
                                 w2_transposed=w2_transposed, dense_grad=dense_grad)
 

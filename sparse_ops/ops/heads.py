@@ -62,10 +62,6 @@ def empty_bthd(q, T):
     return q.new_empty((B, T, H, D)).transpose(1, 2)
 
 
-def _acc(dtype):
-    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
-
-
 def _fake(q, k, v, head_mask, attn_mask, is_causal, scale, dense_grad):
     B, H, Tq, D = q.shape
     n = B * H
@@ -74,7 +70,7 @@ def _fake(q, k, v, head_mask, attn_mask, is_causal, scale, dense_grad):
     # out in q's layout (empty_like's rule: q's strides when dense, else contiguous), as every kernel
     # allocates it; gradients laid out [B, T, H, D].
     return (torch.empty_like(q), q.new_empty((P,), dtype=torch.int64), out_c,
-            q.new_empty((P, Tq), dtype=_acc(q.dtype)))
+            q.new_empty((P, Tq), dtype=_reference.acc_dtype(q.dtype)))
 
 
 def _backward_fake(grad_out, q, k, v, head_mask, attn_mask, pairs, out, out_c, lse, is_causal, scale, dense_grad,

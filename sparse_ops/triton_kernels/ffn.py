@@ -1,12 +1,13 @@
 """Triton kernels of gated_ffn (the GPU path; tested on CPU with TRITON_INTERPRET=1).
 
-Three matmul kernels read weights through the active-column list `idx` (the gather is fused
+Two matmul kernels read weights through the active-column list `idx` (the gather is fused
 into the tile loads, nothing is copied), plus a per-row gather-GEMV for decode:
 
-  gather_n_mm:  C[m, n] = sum_k A[m, k] * W[idx[n]*s_wn + k*s_wk] (+ bias[idx[n]])
-                up-projection x @ w1[idx]^T, and dh = grad @ W2a^T in backward
-  gather_k_mm:  C[m, e] = sum_k A[m, k] * W[idx[k]*s_wk + e*s_we] (+ bias[e])
-                down-projection h @ W2a, and dx = dpre @ w1[idx] in backward
+  _gather_mm:   one kernel, two launchers (which weight axis goes through idx):
+    gather_n_mm:  C[m, n] = sum_k A[m, k] * W[idx[n]*s_wn + k*s_wk] (+ bias[idx[n]])
+                  up-projection x @ w1[idx]^T, and dh = grad @ W2a^T in backward
+    gather_k_mm:  C[m, e] = sum_k A[m, k] * W[idx[k]*s_wk + e*s_we] (+ bias[e])
+                  down-projection h @ W2a, and dx = dpre @ w1[idx] in backward
   scatter_tn:   O[idx[i]*s_oi + j*s_oj] = sum_m A[m, i] * B[m, j]
                 weight gradients written straight into the active rows/columns of a zero tensor
   rowmask_gemv: decode (few rows) with per-row masks (Deja Vu / TEAL style): a program per block
@@ -25,17 +26,19 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import activations as _acts
+from .. import activations as _acts, reference as _ref
 from ._common import acc as _acc, blocks as _blocks, launch as _launch, precision as _precision, require_device, \
     upcast as _upcast
 
 
 # ------------------------------------------------------------------ kernels
 @triton.jit
-def _gather_n_mm(a_ptr, w_ptr, idx_ptr, bias_ptr, c_ptr, M, N, K,
-                 s_am, s_ak, s_wn, s_wk, s_cm, s_cn,
-                 HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
-                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+def _gather_mm(a_ptr, w_ptr, idx_ptr, bias_ptr, c_ptr, M, N, K,
+               s_am, s_ak, s_wn, s_wk, s_cm, s_cn,
+               GATHER_N: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr,
+               PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    # C[m, n] = sum_k A[m, k] * W[wn(n) * s_wn + wk(k) * s_wk] (+ bias[wn(n)]), where the weight
+    # index of one axis goes through idx: wn = idx[n] (GATHER_N) or wk = idx[k] (else).
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     rm = (pid_m * BM + tl.arange(0, BM)).to(tl.int64)  # rm * s_am may pass 2^31
@@ -43,52 +46,29 @@ def _gather_n_mm(a_ptr, w_ptr, idx_ptr, bias_ptr, c_ptr, M, N, K,
     rk = tl.arange(0, BK)
     m_ok = rm < M
     n_ok = rn < N
-    rows = tl.load(idx_ptr + rn, mask=n_ok, other=0)  # weight rows of these columns
+    if GATHER_N:
+        wn = tl.load(idx_ptr + rn, mask=n_ok, other=0)  # int64 weight rows of these columns
+    else:
+        wn = rn.to(tl.int64)
     acc = tl.zeros((BM, BN), dtype=ACC)
     for k0 in range(0, K, BK):
         k_ok = (k0 + rk) < K
+        if GATHER_N:
+            wk = (k0 + rk).to(tl.int64)
+        else:
+            wk = tl.load(idx_ptr + k0 + rk, mask=k_ok, other=0)
         a = tl.load(a_ptr + rm[:, None] * s_am + (k0 + rk)[None, :] * s_ak,
                     mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        w = tl.load(w_ptr + rows[None, :] * s_wn + (k0 + rk)[:, None] * s_wk,
+        w = tl.load(w_ptr + wn[None, :] * s_wn + wk[:, None] * s_wk,
                     mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         if UPCAST:
             a = a.to(ACC)
             w = w.to(ACC)
         acc += tl.dot(a, w, input_precision=PREC)
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + rows, mask=n_ok, other=0.0).to(ACC)[None, :]
+        acc += tl.load(bias_ptr + wn, mask=n_ok, other=0.0).to(ACC)[None, :]
     tl.store(c_ptr + rm[:, None] * s_cm + rn[None, :] * s_cn, acc.to(c_ptr.dtype.element_ty),
              mask=m_ok[:, None] & n_ok[None, :])
-
-
-@triton.jit
-def _gather_k_mm(a_ptr, w_ptr, idx_ptr, bias_ptr, c_ptr, M, E, K,
-                 s_am, s_ak, s_wk, s_we, s_cm, s_ce,
-                 HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
-                 BM: tl.constexpr, BE: tl.constexpr, BK: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_e = tl.program_id(1)
-    rm = (pid_m * BM + tl.arange(0, BM)).to(tl.int64)  # rm * s_am may pass 2^31
-    re = pid_e * BE + tl.arange(0, BE)
-    rk = tl.arange(0, BK)
-    m_ok = rm < M
-    e_ok = re < E
-    acc = tl.zeros((BM, BE), dtype=ACC)
-    for k0 in range(0, K, BK):
-        k_ok = (k0 + rk) < K
-        rows = tl.load(idx_ptr + k0 + rk, mask=k_ok, other=0)
-        a = tl.load(a_ptr + rm[:, None] * s_am + (k0 + rk)[None, :] * s_ak,
-                    mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        w = tl.load(w_ptr + rows[:, None] * s_wk + re[None, :] * s_we,
-                    mask=k_ok[:, None] & e_ok[None, :], other=0.0)
-        if UPCAST:
-            a = a.to(ACC)
-            w = w.to(ACC)
-        acc += tl.dot(a, w, input_precision=PREC)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + re, mask=e_ok, other=0.0).to(ACC)[None, :]
-    tl.store(c_ptr + rm[:, None] * s_cm + re[None, :] * s_ce, acc.to(c_ptr.dtype.element_ty),
-             mask=m_ok[:, None] & e_ok[None, :])
 
 
 @triton.jit
@@ -190,9 +170,9 @@ def gather_n_mm(a, w, idx, s_wn, s_wk, bias=None):
     if M == 0 or N == 0:
         return c
     BM, BN, BK = _blocks(M), _blocks(N), _blocks(K, hi=32)
-    _launch(_gather_n_mm, (triton.cdiv(M, BM), triton.cdiv(N, BN)), a, w, idx,
+    _launch(_gather_mm, (triton.cdiv(M, BM), triton.cdiv(N, BN)), a, w, idx,
             bias if bias is not None else a, c, M, N, K, a.stride(0), a.stride(1), s_wn, s_wk,
-            c.stride(0), c.stride(1), HAS_BIAS=bias is not None, UPCAST=_upcast(a), ACC=_acc(a), PREC=_precision(a), BM=BM, BN=BN, BK=BK)
+            c.stride(0), c.stride(1), GATHER_N=True, HAS_BIAS=bias is not None, UPCAST=_upcast(a), ACC=_acc(a), PREC=_precision(a), BM=BM, BN=BN, BK=BK)
     return c
 
 
@@ -205,9 +185,10 @@ def gather_k_mm(a, w, idx, s_wk, s_we, E, bias=None):
         c.zero_()
         return c + bias if bias is not None else c
     BM, BE, BK = _blocks(M), _blocks(E), _blocks(K, hi=32)
-    _launch(_gather_k_mm, (triton.cdiv(M, BM), triton.cdiv(E, BE)), a, w, idx,
-            bias if bias is not None else a, c, M, E, K, a.stride(0), a.stride(1), s_wk, s_we,
-            c.stride(0), c.stride(1), HAS_BIAS=bias is not None, UPCAST=_upcast(a), ACC=_acc(a), PREC=_precision(a), BM=BM, BE=BE, BK=BK)
+    _launch(_gather_mm, (triton.cdiv(M, BM), triton.cdiv(E, BE)), a, w, idx,
+            bias if bias is not None else a, c, M, E, K, a.stride(0), a.stride(1), s_we, s_wk,
+            c.stride(0), c.stride(1), GATHER_N=False, HAS_BIAS=bias is not None, UPCAST=_upcast(a), ACC=_acc(a),
+            PREC=_precision(a), BM=BM, BN=BE, BK=BK)
     return c
 
 
@@ -251,17 +232,10 @@ def rowmask_gemv(x, w1, w3, w2t, b1, idx, row_mask, gate, activation):
 
 
 # ------------------------------------------------------------------ the op
-def _effective_mask(N, F_, active, gate, device, include_gate=True):
-    if active is None:
-        m = None
-    elif active.dtype == torch.bool:
-        m = active
-    else:
-        m = torch.zeros(F_, dtype=torch.bool, device=device)
-        m[active] = True
-    if gate is not None and include_gate:
-        m = (gate != 0) if m is None else (m & (gate != 0))
-    return torch.ones(F_, dtype=torch.bool, device=device) if m is None else m
+def _run_mask(F_, active, gate, device):
+    """bool [F] / [N, F]: the columns that run (the active mask, and a non-zero gate)."""
+    m = _ref.ffn_mask(active, F_, device)
+    return m & (gate != 0) if gate is not None else m
 
 
 def _resolve(N, F_, active, gate, device):
@@ -271,7 +245,7 @@ def _resolve(N, F_, active, gate, device):
     mask or a gate: one synchronisation, for the count of columns that run (nonzero)."""
     if active is not None and active.dtype == torch.int64 and gate is None:
         return torch.sort(active).values, None, None
-    m = _effective_mask(N, F_, active, gate, device)
+    m = _run_mask(F_, active, gate, device)
     row_mask = None
     if m.dim() == 2:
         idx = torch.nonzero(m.any(0)).flatten()
@@ -309,18 +283,7 @@ def _check(x, w1, w2, b1, b2, w3, active, gate, activation, w2_transposed):
             raise ValueError(f"gated_ffn (triton): {name} must match x's dtype and device")
     if active is not None and active.dtype not in (torch.bool, torch.int64):
         raise TypeError(f"gated_ffn (triton): active must be int64 indices or a bool mask; got {active.dtype}")
-    if active is not None and active.dtype == torch.int64:
-        if active.dim() != 1:
-            raise ValueError(f"gated_ffn (triton): active indices must be 1-D [K]; got {list(active.shape)}")
-        if active.numel() > 0:
-            srt = torch.sort(active).values
-            ok = (srt[0] >= 0) & (srt[-1] < F_) & (srt[1:] > srt[:-1]).all()
-            msg = f"gated_ffn (triton): active indices must be distinct and in [0, F) = [0, {F_})"
-            if x.is_cuda:
-                torch._assert_async(ok, msg)  # checked on the device: no host synchronisation
-            elif not bool(ok):
-                raise ValueError(f"{msg}; got min {int(srt[0])}, max {int(srt[-1])}, "
-                                 f"{int((srt[1:] == srt[:-1]).sum())} repeated")
+    _ref.check_ffn_indices(active, F_, "gated_ffn (triton)")
     _acts.check(activation, "gated_ffn (triton)")
 
 
@@ -333,9 +296,7 @@ def forward(x, w1, w2, b1, b2, w3, active, gate, activation, w2_transposed, dens
     idx, row_mask, gate_a = _resolve(N, F_, active, gate, x.device)
     K = idx.shape[0]
     # The plan for backward, as the C++ op returns it (no row grouping here: row_group is -1).
-    per_row = (active is not None and active.dtype == torch.bool and active.dim() == 2) or \
-        (gate is not None and gate.dim() == 2)
-    if per_row:
+    if _ref.ffn_per_row(active, gate):
         saved_mask = row_mask if row_mask is not None else torch.ones(N, K, dtype=torch.bool, device=x.device)
         saved_group = torch.full((N,), -1, dtype=torch.int64, device=x.device)
     else:
@@ -390,7 +351,7 @@ def backward(grad_out, x, w1, w2, b1, w3, active, gate, idx, pre, up, row_mask, 
             w2n = w2.t() if w2_transposed else w2
             gp = (grad_out @ w2n) * hf
             if active is not None:
-                gp = torch.where(_effective_mask(N, F_, active, None, x.device, include_gate=False), gp, zero)
+                gp = torch.where(_ref.ffn_mask(active, F_, x.device), gp, zero)
             dgate = gp.sum(0) if gate.dim() == 1 else gp
         else:
             gp = masked(dhg * h)

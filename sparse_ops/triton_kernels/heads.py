@@ -36,6 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import reference as _ref
 from ._common import acc as _acc, launch as _launch, precision as _precision, require_device, upcast as _upcast
 
 _NEG_INF = float("-inf")
@@ -55,7 +56,15 @@ def _scores(q, k_ptr, k_base, s_kt, s_kd, am_ptr, am_base, s_amm, s_amn, rm, n0,
     if UPCAST:
         kt = kt.to(ACC)
     s = tl.dot(q, kt, out_dtype=ACC, input_precision=PREC) * scale
-    ok = (rm[:, None] < Tq) & n_ok[None, :]
+    return _mask_scores(s, rm, rn, Tq, Tk, am_ptr, am_base, s_amm, s_amn, HAS_AM, AM_BOOL, CAUSAL, ACC)
+
+
+@triton.jit
+def _mask_scores(s, rm, rn, Tq, Tk, am_ptr, am_base, s_amm, s_amn,
+                 HAS_AM: tl.constexpr, AM_BOOL: tl.constexpr, CAUSAL: tl.constexpr, ACC: tl.constexpr):
+    """Scores s [BM, BN] of queries rm against keys rn with the tails, the causal mask and
+    attn_mask applied: -inf where a key is not visible (a float attn_mask is added)."""
+    ok = (rm[:, None] < Tq) & (rn[None, :] < Tk)
     if CAUSAL:
         ok = ok & (rn[None, :] <= rm[:, None])
     if HAS_AM:
@@ -68,6 +77,24 @@ def _scores(q, k_ptr, k_base, s_kt, s_kd, am_ptr, am_base, s_amm, s_amn, rm, n0,
 
 
 @triton.jit
+def _key_end(Tk, pid_m, BM: tl.constexpr, CAUSAL: tl.constexpr):
+    """One past the last key a query block can see: Tk, or the block's end when causal."""
+    hi = Tk
+    if CAUSAL:
+        hi = tl.minimum(Tk, (pid_m + 1) * BM)
+    return hi
+
+
+@triton.jit
+def _pair(pairs_ptr, H):
+    """(p, b, h) of this program's running pair. Pairs are on grid axis 0: axis 1 allows only
+    65535 programs. p is int64, so offsets like p * Tq * D are 64-bit."""
+    p = tl.program_id(0).to(tl.int64)
+    pair = tl.load(pairs_ptr + p)
+    return p, pair // H, pair % H
+
+
+@triton.jit
 def _fwd(q_ptr, k_ptr, v_ptr, am_ptr, pairs_ptr, gate_ptr, out_ptr, outc_ptr, lse_ptr,
          H, Tq, Tk, D, scale,
          s_qb, s_qh, s_qt, s_qd, s_kb, s_kh, s_kt, s_kd, s_vb, s_vh, s_vt, s_vd,
@@ -75,11 +102,8 @@ def _fwd(q_ptr, k_ptr, v_ptr, am_ptr, pairs_ptr, gate_ptr, out_ptr, outc_ptr, ls
          HAS_AM: tl.constexpr, AM_BOOL: tl.constexpr, CAUSAL: tl.constexpr, GATED: tl.constexpr,
          STORE_OUT: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
          BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
-    p = tl.program_id(0).to(tl.int64)  # pairs on axis 0: axis 1 allows only 65535 programs
+    p, b, h = _pair(pairs_ptr, H)
     pid_m = tl.program_id(1)
-    pair = tl.load(pairs_ptr + p)
-    b = pair // H
-    h = pair % H
     rm = (pid_m * BM + tl.arange(0, BM)).to(tl.int64)
     rd = tl.arange(0, BD)
     m_ok = rm < Tq
@@ -91,9 +115,7 @@ def _fwd(q_ptr, k_ptr, v_ptr, am_ptr, pairs_ptr, gate_ptr, out_ptr, outc_ptr, ls
     m_i = tl.full((BM,), float("-inf"), ACC)
     l_i = tl.zeros((BM,), ACC)
     acc = tl.zeros((BM, BD), ACC)
-    hi = Tk
-    if CAUSAL:
-        hi = tl.minimum(Tk, (pid_m + 1) * BM)
+    hi = _key_end(Tk, pid_m, BM, CAUSAL)
     for n0 in range(0, hi, BN):
         s = _scores(q, k_ptr, b * s_kb + h * s_kh, s_kt, s_kd, am_ptr, b * s_amb + h * s_amh, s_amm, s_amn,
                     rm, n0, Tq, Tk, D, scale, HAS_AM, AM_BOOL, CAUSAL, UPCAST, ACC, PREC, BN, BD)
@@ -130,11 +152,8 @@ def _bwd_pre(do_ptr, o_ptr, pairs_ptr, gate_ptr, rs_ptr, delta_ptr, H, Tq, D,
              s_gb, s_gh, s_gt, s_gd, s_ob, s_oh, s_ot, s_od,
              O_COMPACT: tl.constexpr, GATED: tl.constexpr, ACC: tl.constexpr, BM: tl.constexpr,
              BD: tl.constexpr):
-    p = tl.program_id(0).to(tl.int64)  # pairs on axis 0: axis 1 allows only 65535 programs
+    p, b, h = _pair(pairs_ptr, H)
     pid_m = tl.program_id(1)
-    pair = tl.load(pairs_ptr + p)
-    b = pair // H
-    h = pair % H
     rm = (pid_m * BM + tl.arange(0, BM)).to(tl.int64)
     rd = tl.arange(0, BD)
     ok = (rm[:, None] < Tq) & (rd[None, :] < D)
@@ -159,11 +178,8 @@ def _bwd_dkdv(q_ptr, k_ptr, v_ptr, am_ptr, do_ptr, pairs_ptr, gate_ptr, lse_ptr,
               HAS_AM: tl.constexpr, AM_BOOL: tl.constexpr, CAUSAL: tl.constexpr, GATED: tl.constexpr,
               NEED_K: tl.constexpr, NEED_V: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr,
               PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
-    p = tl.program_id(0).to(tl.int64)
+    p, b, h = _pair(pairs_ptr, H)
     pid_n = tl.program_id(1)
-    pair = tl.load(pairs_ptr + p)
-    b = pair // H
-    h = pair % H
     rn = (pid_n * BN + tl.arange(0, BN)).to(tl.int64)
     rd = tl.arange(0, BD)
     nd_ok = (rn[:, None] < Tk) & (rd[None, :] < D)
@@ -193,18 +209,9 @@ def _bwd_dkdv(q_ptr, k_ptr, v_ptr, am_ptr, do_ptr, pairs_ptr, gate_ptr, lse_ptr,
             q = q.to(ACC)
         do = (do.to(ACC) * g).to(q.dtype)
         lse = tl.load(lse_ptr + p * Tq + rm, mask=rm < Tq, other=float("inf"))
-        s = tl.dot(q, kt, out_dtype=ACC, input_precision=PREC) * scale
-        ok = (rm[:, None] < Tq) & (rn[None, :] < Tk)
-        if CAUSAL:
-            ok = ok & (rn[None, :] <= rm[:, None])
-        if HAS_AM:
-            a = tl.load(am_ptr + b * s_amb + h * s_amh + rm[:, None] * s_amm + rn[None, :] * s_amn, mask=ok,
-                        other=0)
-            if AM_BOOL:
-                ok = ok & (a != 0)
-            else:
-                s = s + a.to(ACC)
-        pr = tl.where(ok, tl.exp(s - lse[:, None]), 0.0)
+        s = _mask_scores(tl.dot(q, kt, out_dtype=ACC, input_precision=PREC) * scale, rm, rn, Tq, Tk,
+                         am_ptr, b * s_amb + h * s_amh, s_amm, s_amn, HAS_AM, AM_BOOL, CAUSAL, ACC)
+        pr = tl.exp(s - lse[:, None])  # 0 where masked; lse = +inf (a row with no visible key) gives 0 too
         if NEED_V:
             dv += tl.dot(tl.trans(pr.to(q.dtype)), do, out_dtype=ACC, input_precision=PREC)
         if NEED_K:
@@ -228,11 +235,8 @@ def _bwd_dq(q_ptr, k_ptr, v_ptr, am_ptr, do_ptr, pairs_ptr, gate_ptr, lse_ptr, d
             HAS_AM: tl.constexpr, AM_BOOL: tl.constexpr, CAUSAL: tl.constexpr, GATED: tl.constexpr,
             UPCAST: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
             BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
-    p = tl.program_id(0).to(tl.int64)  # pairs on axis 0: axis 1 allows only 65535 programs
+    p, b, h = _pair(pairs_ptr, H)
     pid_m = tl.program_id(1)
-    pair = tl.load(pairs_ptr + p)
-    b = pair // H
-    h = pair % H
     rm = (pid_m * BM + tl.arange(0, BM)).to(tl.int64)
     rd = tl.arange(0, BD)
     md_ok = (rm[:, None] < Tq) & (rd[None, :] < D)
@@ -247,9 +251,7 @@ def _bwd_dq(q_ptr, k_ptr, v_ptr, am_ptr, do_ptr, pairs_ptr, gate_ptr, lse_ptr, d
     lse = tl.load(lse_ptr + p * Tq + rm, mask=rm < Tq, other=float("inf"))
     delta = tl.load(delta_ptr + p * Tq + rm, mask=rm < Tq, other=0.0)
     dq = tl.zeros((BM, BD), ACC)
-    hi = Tk
-    if CAUSAL:
-        hi = tl.minimum(Tk, (pid_m + 1) * BM)
+    hi = _key_end(Tk, pid_m, BM, CAUSAL)
     for n0 in range(0, hi, BN):
         s = _scores(q, k_ptr, b * s_kb + h * s_kh, s_kt, s_kd, am_ptr, b * s_amb + h * s_amh, s_amm, s_amn,
                     rm, n0, Tq, Tk, D, scale, HAS_AM, AM_BOOL, CAUSAL, UPCAST, ACC, PREC, BN, BD)
@@ -270,10 +272,6 @@ def _bwd_dq(q_ptr, k_ptr, v_ptr, am_ptr, do_ptr, pairs_ptr, gate_ptr, lse_ptr, d
 
 
 # ------------------------------------------------------------------ launchers
-def _acc_torch(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _blocks(Tq, Tk, D):
     BD = max(16, triton.next_power_of_2(D))
     cap = 64 if BD <= 64 else 32
@@ -384,7 +382,7 @@ def forward(q, k, v, head_mask, attn_mask, is_causal, scale, dense_grad):
     P = pairs.shape[0]
     out = torch.zeros_like(q)  # q's layout, as the C++ op (pairs that do not run stay 0)
     out_c = q.new_empty((P, Tq, D)) if gate is not None else q.new_empty((0,))
-    lse = q.new_empty((P, Tq), dtype=_acc_torch(q.dtype))
+    lse = q.new_empty((P, Tq), dtype=_ref.acc_dtype(q.dtype))
     _run_fwd(q, k, v, attn_mask, is_causal, _scale(scale, D), pairs, gate, out, out_c, lse, True)
     return out, pairs, out_c, lse
 
@@ -404,7 +402,7 @@ def backward(grad_out, q, k, v, head_mask, attn_mask, pairs, out, out_c, lse, is
     dm = torch.zeros_like(head_mask) if need_m else q.new_empty((0,))
     P = pairs.shape[0]
     gate = head_mask.expand(B, H).reshape(B * H).index_select(0, pairs).contiguous() if gated else None
-    acc_t = _acc_torch(q.dtype)
+    acc_t = _ref.acc_dtype(q.dtype)
     BM, BN, BD = _blocks(Tq, Tk, D)
     rs = torch.zeros((P, Tq), dtype=acc_t, device=q.device)
     delta = torch.zeros((P, Tq), dtype=acc_t, device=q.device)
