@@ -71,31 +71,30 @@ def _check_bounds(op, names, idxs, bound):
             raise ValueError(f"{op}: {name} must hold indices in [0, {bound}); got values in [{lo}, {hi}]")
 
 
-def _check_weight(op, weight, bias, block_rows, e_in, like):
+def _check_layer(op, weight, bias, size_name, size, like):
+    """weight 2-D and bias (or None) [weight's rows] on like's device and dtype; size a positive int."""
     _check_tensor(op, "weight", weight, 2, like)
-    if not isinstance(block_rows, int) or block_rows <= 0:
-        raise ValueError(f"{op}: block_rows must be a positive int; got {block_rows!r}")
-    if weight.shape[1] != e_in or weight.shape[0] % block_rows:
-        raise ValueError(f"{op}: weight must be [N * block_rows, {e_in}] (block_rows={block_rows}); "
-                         f"got shape {tuple(weight.shape)}")
+    if not isinstance(size, int) or size <= 0:
+        raise ValueError(f"{op}: {size_name} must be a positive int; got {size!r}")
     if bias is not None:
         _check_tensor(op, "bias", bias, 1, like)
         if bias.shape[0] != weight.shape[0]:
             raise ValueError(f"{op}: bias must be [{weight.shape[0]}] (weight's rows); got shape {tuple(bias.shape)}")
+
+
+def _check_weight(op, weight, bias, block_rows, e_in, like):
+    _check_layer(op, weight, bias, "block_rows", block_rows, like)
+    if weight.shape[1] != e_in or weight.shape[0] % block_rows:
+        raise ValueError(f"{op}: weight must be [N * block_rows, {e_in}] (block_rows={block_rows}); "
+                         f"got shape {tuple(weight.shape)}")
     return weight.shape[0] // block_rows
 
 
 def _check_out_weight(op, weight, bias, head_dim, like):
-    _check_tensor(op, "weight", weight, 2, like)
-    if not isinstance(head_dim, int) or head_dim <= 0:
-        raise ValueError(f"{op}: head_dim must be a positive int; got {head_dim!r}")
+    _check_layer(op, weight, bias, "head_dim", head_dim, like)
     if weight.shape[1] % head_dim:
         raise ValueError(f"{op}: weight must be [E, H * head_dim] (head_dim={head_dim}); "
                          f"got shape {tuple(weight.shape)}")
-    if bias is not None:
-        _check_tensor(op, "bias", bias, 1, like)
-        if bias.shape[0] != weight.shape[0]:
-            raise ValueError(f"{op}: bias must be [{weight.shape[0]}] (weight's rows); got shape {tuple(bias.shape)}")
     return weight.shape[1] // head_dim
 
 
