@@ -4,6 +4,9 @@
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_runtime_api.h>
+
+#include "dtype.h"
 
 namespace sparse_ops {
 namespace cuda {
@@ -19,6 +22,22 @@ template <> __device__ __forceinline__ double to_acc<double>(double v) { return 
 template <typename T> __device__ __forceinline__ T from_acc(typename Acc<T>::type v) { return T(v); }
 template <> __device__ __forceinline__ __half from_acc<__half>(float v) { return __float2half(v); }
 template <> __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float v) { return __float2bfloat16(v); }
+
+// A type carried as a value, for the generic lambdas given to dispatch.
+template <typename T> struct TypeTag { using type = T; };
+
+// fn(TypeTag<T>{}) with T the element type dt names (float, double, __half, __nv_bfloat16):
+//   dispatch(dt, [&](auto tag) { return launch<typename decltype(tag)::type>(...); });
+template <typename Fn>
+cudaError_t dispatch(DType dt, Fn&& fn) {
+  switch (dt) {
+    case DType::F32: return fn(TypeTag<float>{});
+    case DType::F64: return fn(TypeTag<double>{});
+    case DType::F16: return fn(TypeTag<__half>{});
+    case DType::BF16: return fn(TypeTag<__nv_bfloat16>{});
+  }
+  return cudaErrorInvalidValue;
+}
 
 }  // namespace cuda
 }  // namespace sparse_ops

@@ -10,6 +10,7 @@
 
 #include <vector>
 
+#include "launch.h"
 #include "../ffn_compute.h"
 #include "../ffn_plan.h"
 #include "ffn_kernels.h"
@@ -18,20 +19,9 @@ namespace sparse_ops {
 namespace ffn {
 namespace {
 
-cuda::FfnDType ffn_dtype(const Tensor& t) {
-  switch (t.scalar_type()) {
-    case at::kFloat: return cuda::FfnDType::F32;
-    case at::kDouble: return cuda::FfnDType::F64;
-    case at::kHalf: return cuda::FfnDType::F16;
-    case at::kBFloat16: return cuda::FfnDType::BF16;
-    default: TORCH_CHECK(false, "gated_ffn: unsupported dtype ", t.scalar_type(),
-                         " on CUDA (float32, float64, float16, bfloat16)");
-  }
-}
+cuda::DType ffn_dtype(const Tensor& t) { return cuda::dtype_of(t, "gated_ffn"); }
 
-void check_cuda(cudaError_t err, const char* kernel) {
-  TORCH_CHECK(err == cudaSuccess, "gated_ffn: CUDA kernel ", kernel, " failed: ", cudaGetErrorString(err));
-}
+void check_cuda(cudaError_t err, const char* kernel) { cuda::check_launch(err, "gated_ffn", kernel); }
 
 std::tuple<Tensor, Tensor, Tensor> forward_decode_cuda(const Tensor& x, const Tensor& w1, const Tensor& w2,
                                                        const OptTensor& b1, const OptTensor& b2,

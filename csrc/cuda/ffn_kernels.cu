@@ -194,10 +194,10 @@ cudaError_t down_cols_typed(const FfnDecodeArgs& a, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
-int elem_size(FfnDType dt) {
+int elem_size(DType dt) {
   switch (dt) {
-    case FfnDType::F64: return 8;
-    case FfnDType::F32: return 4;
+    case DType::F64: return 8;
+    case DType::F32: return 4;
     default: return 2;
   }
 }
@@ -207,28 +207,16 @@ int elem_size(FfnDType dt) {
 cudaError_t ffn_decode(const FfnDecodeArgs& a, cudaStream_t stream) {
   if (a.N <= 0 || a.K <= 0) return cudaSuccess;
   if (a.N > kMaxRows) return cudaErrorInvalidValue;
-  switch (a.dtype) {
-    case FfnDType::F32: return decode_typed<float>(a, stream);
-    case FfnDType::F64: return decode_typed<double>(a, stream);
-    case FfnDType::F16: return decode_typed<__half>(a, stream);
-    case FfnDType::BF16: return decode_typed<__nv_bfloat16>(a, stream);
-  }
-  return cudaErrorInvalidValue;
+  return dispatch(a.dtype, [&](auto t) { return decode_typed<typename decltype(t)::type>(a, stream); });
 }
 
 cudaError_t ffn_decode_down_cols(const FfnDecodeArgs& a, cudaStream_t stream) {
   if (a.N <= 0 || a.d <= 0) return cudaSuccess;
   if (a.N > kMaxRows) return cudaErrorInvalidValue;
-  switch (a.dtype) {
-    case FfnDType::F32: return down_cols_typed<float>(a, stream);
-    case FfnDType::F64: return down_cols_typed<double>(a, stream);
-    case FfnDType::F16: return down_cols_typed<__half>(a, stream);
-    case FfnDType::BF16: return down_cols_typed<__nv_bfloat16>(a, stream);
-  }
-  return cudaErrorInvalidValue;
+  return dispatch(a.dtype, [&](auto t) { return down_cols_typed<typename decltype(t)::type>(a, stream); });
 }
 
-cudaError_t scatter_rows_by_idx(FfnDType dt, const void* src, const int64_t* idx, void* dst, int64_t K, int64_t C,
+cudaError_t scatter_rows_by_idx(DType dt, const void* src, const int64_t* idx, void* dst, int64_t K, int64_t C,
                                 cudaStream_t stream) {
   if (K == 0 || C == 0) return cudaSuccess;
   switch (elem_size(dt)) {
@@ -242,7 +230,7 @@ cudaError_t scatter_rows_by_idx(FfnDType dt, const void* src, const int64_t* idx
   return cudaGetLastError();
 }
 
-cudaError_t scatter_cols_by_idx(FfnDType dt, const void* src, const int64_t* idx, void* dst, int64_t K, int64_t C,
+cudaError_t scatter_cols_by_idx(DType dt, const void* src, const int64_t* idx, void* dst, int64_t K, int64_t C,
                                 int64_t R, cudaStream_t stream) {
   if (K == 0 || C == 0) return cudaSuccess;
   const unsigned blocks = unsigned((K * C + 255) / 256);

@@ -5,10 +5,11 @@
 
 #include <cstdint>
 
+#include "dtype.h"
+
 namespace sparse_ops {
 namespace cuda {
 
-enum class FfnDType { F32, F64, F16, BF16 };
 enum class FfnAct { Gelu = 0, GeluTanh = 1, Relu = 2, Silu = 3 };
 
 // Largest row count of the decode kernels (matches kDecodeMaxRows in csrc/ffn_plan.h).
@@ -16,7 +17,7 @@ constexpr int kFfnDecodeMaxRows = 16;
 
 // One decode call: raw pointers, all contiguous. Optional pointers may be null.
 struct FfnDecodeArgs {
-  FfnDType dtype;
+  DType dtype;
   FfnAct act;
   const void* x;          // [N, d]
   const void* w1;         // [F, d]
@@ -44,9 +45,9 @@ cudaError_t ffn_decode_down_cols(const FfnDecodeArgs& a, cudaStream_t stream);
 // Weight-gradient scatter into a zeroed destination:
 //  rows:  dst[idx[k], :] = src[k, :]  (dst [R, C], src [K, C]) for w1 / w3 / w2 transposed / b1
 //  cols:  dst[:, idx[k]] = src[:, k]  (dst [C, R], src [C, K]) for w2 in [d, F] layout
-cudaError_t scatter_rows_by_idx(FfnDType dt, const void* src, const int64_t* idx, void* dst, int64_t K, int64_t C,
+cudaError_t scatter_rows_by_idx(DType dt, const void* src, const int64_t* idx, void* dst, int64_t K, int64_t C,
                                 cudaStream_t stream);
-cudaError_t scatter_cols_by_idx(FfnDType dt, const void* src, const int64_t* idx, void* dst, int64_t K, int64_t C,
+cudaError_t scatter_cols_by_idx(DType dt, const void* src, const int64_t* idx, void* dst, int64_t K, int64_t C,
                                 int64_t R, cudaStream_t stream);
 
 }  // namespace cuda

@@ -24,6 +24,7 @@
 #include <limits>
 #include <tuple>
 
+#include "launch.h"
 #include "../heads.h"
 #include "heads_kernels.h"
 
@@ -33,21 +34,9 @@ namespace {
 
 using at::indexing::TensorIndex;
 
-cuda::HeadsDType heads_dtype(const Tensor& t) {
-  switch (t.scalar_type()) {
-    case at::kFloat: return cuda::HeadsDType::F32;
-    case at::kDouble: return cuda::HeadsDType::F64;
-    case at::kHalf: return cuda::HeadsDType::F16;
-    case at::kBFloat16: return cuda::HeadsDType::BF16;
-    default: TORCH_CHECK(false, "masked_head_attention: unsupported dtype ", t.scalar_type(),
-                         " on CUDA (float32, float64, float16, bfloat16)");
-  }
-}
+cuda::DType heads_dtype(const Tensor& t) { return cuda::dtype_of(t, "masked_head_attention"); }
 
-void check_cuda(cudaError_t err, const char* kernel) {
-  TORCH_CHECK(err == cudaSuccess, "masked_head_attention: CUDA kernel ", kernel, " failed: ",
-              cudaGetErrorString(err));
-}
+void check_cuda(cudaError_t err, const char* kernel) { cuda::check_launch(err, "masked_head_attention", kernel); }
 
 at::ScalarType acc_type(at::ScalarType t) { return (t == at::kFloat || t == at::kDouble) ? t : at::kFloat; }
 

@@ -214,13 +214,7 @@ cudaError_t masked_head_attention_fwd(const HeadsFwdArgs& a, cudaStream_t stream
   if (a.D < 1 || a.D > kHeadsMaxD) return cudaErrorInvalidValue;
   if (a.P == 0 || a.Tq == 0) return cudaSuccess;
   if (a.Tk == 0) return cudaErrorInvalidValue;
-  switch (a.dtype) {
-    case HeadsDType::F32: return fwd_typed<float>(a, stream);
-    case HeadsDType::F64: return fwd_typed<double>(a, stream);
-    case HeadsDType::F16: return fwd_typed<__half>(a, stream);
-    case HeadsDType::BF16: return fwd_typed<__nv_bfloat16>(a, stream);
-  }
-  return cudaErrorInvalidValue;
+  return dispatch(a.dtype, [&](auto t) { return fwd_typed<typename decltype(t)::type>(a, stream); });
 }
 
 }  // namespace cuda

@@ -6,10 +6,10 @@
 
 #include <cstdint>
 
+#include "dtype.h"
+
 namespace sparse_ops {
 namespace cuda {
-
-enum class HeadsDType { F32, F64, F16, BF16 };
 
 // Largest head dimension of the forward kernel.
 constexpr int64_t kHeadsMaxD = 256;
@@ -17,7 +17,7 @@ constexpr int64_t kHeadsMaxD = 256;
 // One forward call over P running (b, h) pairs. Pointers are raw; every tensor has unit stride
 // on its last dimension. Strides are in elements. Optional pointers may be null.
 struct HeadsFwdArgs {
-  HeadsDType dtype;
+  DType dtype;
   const void* q;  // [B, H, Tq, D] with strides q_s0 (b), q_s1 (h), q_s2 (t)
   const void* k;  // [B, H, Tk, D]
   const void* v;  // [B, H, Tk, D]

@@ -3,6 +3,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include "launch.h"
 #include "../rows.h"
 #include "rows_kernels.h"
 
@@ -10,20 +11,9 @@ namespace sparse_ops {
 namespace rows {
 namespace {
 
-cuda::RowsDType rows_dtype(const Tensor& t) {
-  switch (t.scalar_type()) {
-    case at::kFloat: return cuda::RowsDType::F32;
-    case at::kDouble: return cuda::RowsDType::F64;
-    case at::kHalf: return cuda::RowsDType::F16;
-    case at::kBFloat16: return cuda::RowsDType::BF16;
-    default: TORCH_CHECK(false, "scatter_rows: unsupported dtype ", t.scalar_type(),
-                         " (float32, float64, float16, bfloat16)");
-  }
-}
+cuda::DType rows_dtype(const Tensor& t) { return cuda::dtype_of(t, "scatter_rows"); }
 
-void check_cuda(cudaError_t err, const char* kernel) {
-  TORCH_CHECK(err == cudaSuccess, "sparse_ops: CUDA kernel ", kernel, " failed: ", cudaGetErrorString(err));
-}
+void check_cuda(cudaError_t err, const char* kernel) { cuda::check_launch(err, "sparse_ops (row ops)", kernel); }
 
 Tensor gather_rows_cuda(const Tensor& x, const Tensor& idx) {
   check_gather(x, idx);

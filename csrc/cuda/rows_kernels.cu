@@ -122,30 +122,22 @@ cudaError_t gather_rows(const void* x, const int64_t* idx, void* out, int64_t K,
   return cudaGetLastError();
 }
 
-cudaError_t scatter_rows(RowsDType dt, const void* x, const void* src, const void* gate, const int64_t* idx,
+cudaError_t scatter_rows(DType dt, const void* x, const void* src, const void* gate, const int64_t* idx,
                          void* y, int64_t K, int64_t row, cudaStream_t stream) {
   if (K == 0 || row == 0) return cudaSuccess;
-  switch (dt) {
-    case RowsDType::F32: return scatter_typed<float>(x, src, gate, idx, y, K, row, stream);
-    case RowsDType::F64: return scatter_typed<double>(x, src, gate, idx, y, K, row, stream);
-    case RowsDType::F16: return scatter_typed<__half>(x, src, gate, idx, y, K, row, stream);
-    case RowsDType::BF16: return scatter_typed<__nv_bfloat16>(x, src, gate, idx, y, K, row, stream);
-  }
-  return cudaErrorInvalidValue;
+  return dispatch(dt, [&](auto t) {
+    return scatter_typed<typename decltype(t)::type>(x, src, gate, idx, y, K, row, stream);
+  });
 }
 
-cudaError_t scatter_rows_backward(RowsDType dt, const void* grad, const void* x, const void* src,
+cudaError_t scatter_rows_backward(DType dt, const void* grad, const void* x, const void* src,
                                   const void* gate, const int64_t* idx, void* dx, void* dsrc, void* dgate,
                                   int64_t K, int64_t row, cudaStream_t stream) {
   if (K == 0) return cudaSuccess;
-  switch (dt) {
-    case RowsDType::F32: return scatter_backward_typed<float>(grad, x, src, gate, idx, dx, dsrc, dgate, K, row, stream);
-    case RowsDType::F64: return scatter_backward_typed<double>(grad, x, src, gate, idx, dx, dsrc, dgate, K, row, stream);
-    case RowsDType::F16: return scatter_backward_typed<__half>(grad, x, src, gate, idx, dx, dsrc, dgate, K, row, stream);
-    case RowsDType::BF16:
-      return scatter_backward_typed<__nv_bfloat16>(grad, x, src, gate, idx, dx, dsrc, dgate, K, row, stream);
-  }
-  return cudaErrorInvalidValue;
+  return dispatch(dt, [&](auto t) {
+    return scatter_backward_typed<typename decltype(t)::type>(grad, x, src, gate, idx, dx, dsrc, dgate, K, row,
+                                                              stream);
+  });
 }
 
 }  // namespace cuda
