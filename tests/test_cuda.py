@@ -103,6 +103,8 @@ def test_opcheck_cuda():
 # csrc/cuda/heads_kernels.cu (forward) and heads_cuda.cpp (ATen backward) against the reference.
 from sparse_ops import reference as R  # noqa: E402
 
+from attention_data import attn_masks, head_masks, qkv  # noqa: E402
+
 D64 = torch.float64
 needs_heads = pytest.mark.skipif(not backend.has_kernel("masked_head_attention", "CUDA"),
                                  reason="sparse_ops._C has no CUDA kernel for masked_head_attention")
@@ -113,55 +115,15 @@ def mha_cuda(q, k, v, hm, **kw):
 
 
 def mha_qkv(B, H, Tq, Tk, D, dtype=D64, layout="bhtd", seed=0, grad=True):
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for T in (Tq, Tk, Tk):
-        if layout == "bthd":  # the layout a fused QKV projection gives
-            t = torch.randn(B, T, H, D, generator=g, dtype=D64).to(dtype).to(DEV).transpose(1, 2)
-        else:
-            t = torch.randn(B, H, T, D, generator=g, dtype=D64).to(dtype).to(DEV)
-        out.append(t.detach().requires_grad_(grad))
-    return out
+    return qkv(B, H, Tq, Tk, D, dtype, layout, seed, grad, device=DEV)
 
 
 def mha_head_masks(B, H, dtype, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    on = torch.rand(B, H, generator=g) > 0.5
-    on[0, 0] = True
-    on[-1, -1] = False
-    shared = torch.rand(H, generator=g) > 0.4
-    shared[0] = True
-    gate = torch.rand(B, H, generator=g, dtype=D64) + 0.1
-    single = torch.zeros(B, H, dtype=torch.bool)
-    single[B - 1, H // 2] = True
-    masks = {
-        "bool_BH": on,
-        "bool_H": shared,
-        "float_BH": gate * on,
-        "float_H": (torch.rand(H, generator=g, dtype=D64) + 0.1) * shared,
-        "float_BH_nonzero": gate,
-        "all_on": torch.ones(B, H, dtype=torch.bool),
-        "all_off": torch.zeros(B, H, dtype=torch.bool),
-        "single": single,
-    }
-    return {k: (m.to(dtype) if m.is_floating_point() else m).to(DEV) for k, m in masks.items()}
+    return head_masks(B, H, dtype, seed, device=DEV)
 
 
 def mha_attn_masks(B, H, Tq, Tk, dtype, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    pad = torch.ones(B, 1, 1, Tk, dtype=torch.bool)
-    for b in range(B):
-        pad[b, ..., Tk - (b % 3):] = False  # key padding, at least one key kept
-    full = torch.rand(B, H, Tq, Tk, generator=g) > 0.3
-    full[..., 0] = True
-    masks = {
-        "none": None,
-        "key_padding": pad,
-        "bool_full": full,
-        "float_TqTk": torch.randn(Tq, Tk, generator=g, dtype=D64).to(dtype),
-        "float_H11Tk": torch.randn(H, 1, Tk, generator=g, dtype=D64).to(dtype),
-    }
-    return {k: (m.to(DEV) if m is not None else None) for k, m in masks.items()}
+    return attn_masks(B, H, Tq, Tk, dtype, seed, device=DEV)
 
 
 def mha_grads(out, ins, go):

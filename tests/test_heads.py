@@ -8,56 +8,9 @@ import sparse_ops
 from sparse_ops import reference as R
 from sparse_ops.ops.heads import masked_head_attention as mha
 
+from attention_data import attn_masks, check_off_pairs_untouched, head_masks, qkv
+
 D64 = torch.float64
-
-
-def qkv(B, H, Tq, Tk, D, dtype=torch.float32, layout="bhtd", seed=0, grad=False):
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for T in (Tq, Tk, Tk):
-        if layout == "bthd":  # the layout a fused QKV projection gives
-            t = torch.randn(B, T, H, D, generator=g, dtype=dtype).transpose(1, 2)
-        else:
-            t = torch.randn(B, H, T, D, generator=g, dtype=dtype)
-        out.append(t.detach().requires_grad_(grad) if grad else t)
-    return out
-
-
-def head_masks(B, H, dtype, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    on = torch.rand(B, H, generator=g) > 0.5
-    on[0, 0] = True
-    on[-1, -1] = False
-    shared = torch.rand(H, generator=g) > 0.4
-    shared[0] = True
-    gate = torch.rand(B, H, generator=g, dtype=dtype) + 0.1
-    return {
-        "bool_BH": on,
-        "bool_H": shared,
-        "float_BH": gate * on,
-        "float_H": (torch.rand(H, generator=g, dtype=dtype) + 0.1) * shared,
-        "float_BH_nonzero": gate,
-        "all_on": torch.ones(B, H, dtype=torch.bool),
-        "all_off": torch.zeros(B, H, dtype=torch.bool),
-        "single": torch.zeros(B, H, dtype=torch.bool).index_put_((torch.tensor([B - 1]), torch.tensor([H // 2])),
-                                                              torch.tensor(True)),
-    }
-
-
-def attn_masks(B, H, Tq, Tk, dtype, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    pad = torch.ones(B, 1, 1, Tk, dtype=torch.bool)
-    for b in range(B):
-        pad[b, ..., Tk - (b % 3):] = False  # key padding, at least one key kept
-    full = torch.rand(B, H, Tq, Tk, generator=g) > 0.3
-    full[..., 0] = True
-    return {
-        "none": None,
-        "key_padding": pad,
-        "bool_full": full,
-        "float_TqTk": torch.randn(Tq, Tk, generator=g, dtype=dtype),
-        "float_H11Tk": torch.randn(H, 1, Tk, generator=g, dtype=dtype),
-    }
 
 
 def check_close(a, b, dtype):
@@ -263,22 +216,8 @@ def test_compile_runs_and_matches():
 def test_off_pairs_are_never_computed():
     """NaN planted in the q/k/v of pairs that are off reaches neither the output nor any gradient."""
     B, H, T, D = 2, 3, 6, 8
-    q, k, v = qkv(B, H, T, T, D)
     on = torch.tensor([[True, False, True], [False, True, False]])
-    for t in (q, k, v):
-        t[~on] = float("nan")
-    for hm in (on, on.float() * 0.5):
-        qq, kk, vv = (t.clone().requires_grad_() for t in (q, k, v))
-        g = hm.clone().requires_grad_(hm.is_floating_point())
-        out = mha(qq, kk, vv, g)
-        assert torch.isfinite(out).all()
-        assert (out[~on] == 0).all()
-        out.sum().backward()
-        for t in (qq, kk, vv):
-            assert torch.isfinite(t.grad).all()
-            assert (t.grad[~on] == 0).all()
-        if g.requires_grad:
-            assert torch.isfinite(g.grad).all() and (g.grad[~on] == 0).all()
+    check_off_pairs_untouched(mha, *qkv(B, H, T, T, D), on, (on, on.float() * 0.5))
 
 
 def test_torch_backend_matches():

@@ -14,6 +14,8 @@ pytest.importorskip("triton")
 from sparse_ops import reference as R  # noqa: E402
 from sparse_ops.ops.heads import masked_head_attention as _mha  # noqa: E402
 
+from attention_data import check_off_pairs_untouched  # noqa: E402
+
 D64 = torch.float64
 # The kernels compiled for the GPU where one is visible (tests/conftest.py then leaves the
 # interpreter off), else the interpreter on CPU tensors.
@@ -230,22 +232,10 @@ def test_opcheck():
 def test_off_pairs_are_never_computed():
     """NaN planted in the q/k/v of pairs that are off reaches neither the output nor any gradient."""
     B, H, Tq, Tk, D = 2, 3, 6, 8, 16
-    q, k, v = qkv(B, H, Tq, Tk, D)
     on = torch.tensor([[True, False, True], [False, True, False]])
-    for t in (q, k, v):
-        t[~on] = float("nan")
-    for hm in (on, on.float() * 0.5, torch.tensor([[0.5, 0.0, 2.0], [0.0, 1.0, 0.0]])):
-        qq, kk, vv = (t.clone().requires_grad_() for t in (q, k, v))
-        g = hm.clone().requires_grad_(hm.is_floating_point())
-        out = mha(qq, kk, vv, g, is_causal=True)
-        assert torch.isfinite(out).all()
-        assert (out[~on] == 0).all()
-        out.sum().backward()
-        for t in (qq, kk, vv):
-            assert torch.isfinite(t.grad).all()
-            assert (t.grad[~on] == 0).all()
-        if g.requires_grad:
-            assert torch.isfinite(g.grad).all() and (g.grad[~on] == 0).all()
+    check_off_pairs_untouched(mha, *qkv(B, H, Tq, Tk, D), on,
+                              (on, on.float() * 0.5, torch.tensor([[0.5, 0.0, 2.0], [0.0, 1.0, 0.0]])),
+                              is_causal=True)
 
 
 def test_empty_batch_and_zero_queries():
