@@ -14,7 +14,7 @@ static void check_dev_dtype(const Tensor& t, const Tensor& q, const char* name) 
 }
 
 Sizes check_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& head_mask,
-                   const OptTensor& attn_mask) {
+                   const OptTensor& attn_mask, bool is_causal) {
   TORCH_CHECK(q.dim() == 4, "masked_head_attention: q must be 4-D [B, H, Tq, D]; got ", q.sizes());
   TORCH_CHECK(at::isFloatingType(q.scalar_type()), "masked_head_attention: q must be a floating tensor; got ",
               q.scalar_type());
@@ -28,6 +28,10 @@ Sizes check_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const Tens
   TORCH_CHECK(v.sizes() == k.sizes(), "masked_head_attention: v must be shaped like k ", k.sizes(), "; got ",
               v.sizes());
   TORCH_CHECK(Tk > 0 || B * H * Tq == 0, "masked_head_attention: k and v need at least one key (Tk > 0)");
+  // The causal mask is top-left aligned (key j visible to query i iff j <= i, as SDPA's): with
+  // fewer queries than keys (a KV cache) it would hide the cached keys, so that case is refused.
+  TORCH_CHECK(!is_causal || Tq >= Tk, "masked_head_attention: is_causal=True needs Tq >= Tk; got Tq = ", Tq,
+              " < Tk = ", Tk, ". ", kCausalHint);
   TORCH_CHECK(head_mask.device() == q.device(), "masked_head_attention: head_mask must be on the same device as q (",
               q.device(), "); got ", head_mask.device());
   TORCH_CHECK(head_mask.scalar_type() == at::kBool || head_mask.scalar_type() == q.scalar_type(),

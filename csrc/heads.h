@@ -20,9 +20,16 @@ struct Sizes {
   int64_t B, H, Tq, Tk, D;
 };
 
+// What to do instead of is_causal with Tq < Tk (the message of check_inputs).
+constexpr const char* kCausalHint =
+    "The causal mask is top-left aligned, as F.scaled_dot_product_attention's, which with a KV cache "
+    "would hide the cached keys from the new queries: for decode pass is_causal=False (one query sees "
+    "every key), for a chunk of queries after a cache pass the bottom-right mask as attn_mask.";
+
 // Throws a clear error (naming the argument) for any malformed input; returns the sizes.
+// is_causal needs Tq >= Tk (kCausalHint).
 Sizes check_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& head_mask,
-                   const OptTensor& attn_mask);
+                   const OptTensor& attn_mask, bool is_causal);
 
 inline bool is_gated(const Tensor& head_mask) { return head_mask.scalar_type() != at::kBool; }
 

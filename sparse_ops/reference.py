@@ -13,6 +13,11 @@ import torch.nn.functional as F
 from . import activations as _acts
 
 
+# gated_ffn calls with at most this many rows are decode: one row tile of the decode kernels
+# (csrc/ffn_plan.h kDecodeMaxRows, sparse_ops/triton_kernels/ffn.py decode_gemv).
+FFN_DECODE_MAX_ROWS = 16
+
+
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """The type the ops accumulate in (and save lse in): float64 for float64, else float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -43,6 +48,38 @@ def check_ffn_indices(active, F_: int, op: str = "gated_ffn") -> None:
     elif not bool(ok):
         raise ValueError(f"{msg}; got min {int(srt[0])}, max {int(srt[-1])}, "
                          f"{int((srt[1:] == srt[:-1]).sum())} repeated")
+
+
+CAUSAL_HINT = ("The causal mask is top-left aligned, as F.scaled_dot_product_attention's, which with a KV "
+               "cache would hide the cached keys from the new queries: for decode pass is_causal=False (one "
+               "query sees every key), for a chunk of queries after a cache pass the bottom-right mask as "
+               "attn_mask.")
+
+
+def check_causal(Tq: int, Tk: int, is_causal: bool, op: str = "masked_head_attention") -> None:
+    """is_causal needs Tq >= Tk (CAUSAL_HINT says why and what to pass instead); every backend."""
+    if is_causal and Tq < Tk:
+        raise ValueError(f"{op}: is_causal=True needs Tq >= Tk; got Tq = {Tq} < Tk = {Tk}. {CAUSAL_HINT}")
+
+
+def check_row_indices(idx, rows: int, op: str) -> None:
+    """Row ids idx (int64 [K]) must be in [-1, rows) (-1: padding) and not repeat a row.
+
+    On CUDA the check runs on the device (torch._assert_async: no host synchronisation); on the
+    host it raises ValueError here."""
+    if idx.numel() == 0 or idx.device.type == "meta":
+        return
+    lo, hi = torch.aminmax(idx)
+    ok = (lo >= -1) & (hi < rows)
+    if rows > 0:
+        counts = torch.zeros(rows + 1, dtype=torch.int64, device=idx.device)
+        counts.index_add_(0, idx.clamp(-1, rows - 1) + 1, torch.ones_like(idx))
+        ok = ok & (counts[1:].max() <= 1)
+    msg = f"{op}: idx must be in [-1, {rows}) (-1 = padding) and must not repeat a row"
+    if idx.is_cuda:
+        torch._assert_async(ok, msg)
+    elif not bool(ok):
+        raise ValueError(f"{msg}; got min {int(lo)}, max {int(hi)}")
 
 
 def ffn_mask(active, F_: int, device) -> torch.Tensor:

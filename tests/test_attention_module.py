@@ -177,6 +177,18 @@ def test_is_causal_with_attn_mask(batch_first):
         smha(q, k, v, is_causal=True, need_weights=False, head_mask=masks()["bool_H"])
 
 
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_is_causal_hint_with_fewer_queries_than_keys(batch_first):
+    """L < S: nn.MultiheadAttention replaces the mask by SDPA's top-left causal rule; the op refuses
+    is_causal with L < S, so the module passes that top-left mask explicitly: the same result."""
+    mha, smha = make(batch_first=batch_first)
+    q, k, v = inputs(batch_first, self_attn=False)
+    assert L < S
+    causal = torch.ones(L, S, dtype=torch.bool).triu(S - L + 1)  # True = not allowed; bottom-right
+    for m in (None, masks()["bool_BH"]):
+        check_equal(mha, smha, q, k, v, m, attn_mask=causal, is_causal=True)
+
+
 def test_unbatched_input():
     mha, smha = make(batch_first=True)
     q, k, v = inputs(True, batched=False)

@@ -24,7 +24,8 @@ def check_close(a, b, dtype):
 @pytest.mark.parametrize("am_name", ["none", "key_padding", "bool_full", "float_TqTk", "float_H11Tk"])
 @pytest.mark.parametrize("causal", [False, True])
 def test_matches_reference_fwd_bwd(dtype, mask_name, am_name, causal):
-    B, H, Tq, Tk, D = 3, 4, 7, 13, 5
+    B, H, D = 3, 4, 5
+    Tq, Tk = (13, 7) if causal else (7, 13)  # is_causal needs Tq >= Tk
     q, k, v = qkv(B, H, Tq, Tk, D, dtype, grad=True)
     hm = head_masks(B, H, dtype)[mask_name]
     am = attn_masks(B, H, Tq, Tk, dtype)[am_name]
@@ -70,8 +71,8 @@ def test_head_dims_and_layouts(D, T, layout):
 
 @pytest.mark.parametrize("Tq,Tk,causal,am_kind", [
     (130, 1100, False, "bool"),    # 3 query blocks x 3 key blocks: online-softmax rescaling
-    (700, 1030, True, "float"),    # causal across key blocks, per-head additive mask
-    (70, 513, True, "pad_front"),  # rows fully masked by padding + causality (0 out, 0 grad)
+    (1030, 1030, True, "float"),   # causal across key blocks, per-head additive mask
+    (600, 513, True, "pad_front"), # rows fully masked by padding + causality (0 out, 0 grad)
     (1, 600, False, "none"),       # decode: one query row
 ])
 @pytest.mark.parametrize("layout", ["bhtd", "bthd"])
@@ -103,7 +104,7 @@ def test_many_query_and_key_blocks(Tq, Tk, causal, am_kind, layout):
                 ref.detach().float(), torch.float32)
 
 
-@pytest.mark.parametrize("Tq,Tk,am_kind", [(130, 1100, "none"), (700, 1030, "float"), (70, 513, "pad_front")])
+@pytest.mark.parametrize("Tq,Tk,am_kind", [(1100, 130, "none"), (1030, 1030, "float"), (513, 70, "pad_front")])
 @pytest.mark.parametrize("mask", ["bool", "gate"])
 def test_every_pair_causal(Tq, Tk, am_kind, mask):
     """Every pair on with is_causal: the CPU forward runs its direct kernel (not ATen's flash), the
@@ -149,7 +150,7 @@ def test_empty_batch_and_zero_queries():
 
 
 def test_gradcheck_float64():
-    B, H, Tq, Tk, D = 2, 3, 5, 6, 4
+    B, H, Tq, Tk, D = 2, 3, 6, 5, 4
     q, k, v = qkv(B, H, Tq, Tk, D, D64, grad=True)
     on = torch.tensor([[True, False, True], [False, True, True]])
     pad = torch.ones(B, 1, 1, Tk, dtype=torch.bool)
@@ -181,7 +182,7 @@ def test_gate_gradient_of_skipped_pairs():
 
 
 def test_opcheck():
-    B, H, Tq, Tk, D = 2, 3, 5, 7, 8
+    B, H, Tq, Tk, D = 2, 3, 7, 5, 8
     q, k, v = qkv(B, H, Tq, Tk, D, grad=True)
     on = torch.tensor([[True, False, True], [False, True, True]])
     gate = torch.tensor([[0.5, 0.0, 1.5], [1.0, 0.25, 0.0]], requires_grad=True)
@@ -255,3 +256,21 @@ def test_errors_from_the_op():
         torch.ops.sparse_ops.masked_head_attention(q, k, v, m.double(), None, False, None, False)
     with pytest.raises(ValueError, match=r"k must be on the same device as q"):
         mha(q, k.to("meta"), v, m)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "torch", "triton", "raw op"])
+def test_causal_with_fewer_queries_than_keys_is_refused(backend):
+    """is_causal is top-left aligned (SDPA's); with Tq < Tk (a KV cache) that would hide the cached
+    keys, so every backend and the raw op refuse it, saying what to pass instead."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+    q, k, v = qkv(2, 3, 1, 9, 8)
+    on = torch.ones(2, 3, dtype=torch.bool)
+    with pytest.raises((ValueError, RuntimeError), match=r"is_causal=True needs Tq >= Tk; got Tq = 1 < Tk = 9"
+                                                         r".*is_causal=False"):
+        if backend == "raw op":
+            torch.ops.sparse_ops.masked_head_attention(q, k, v, on, None, True, None, False)
+        else:
+            mha(q, k, v, on, is_causal=True, backend=backend)
+    # decode with a cache: is_causal=False is the right call (the one query sees every key)
+    torch.testing.assert_close(mha(q, k, v, on), R.masked_head_attention(q, k, v, on))

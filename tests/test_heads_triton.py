@@ -120,6 +120,8 @@ def test_mask_forms(mask_name, dtype):
 @pytest.mark.parametrize("TqTkD", [(5, 19, 24), (17, 7, 32)])
 def test_attn_mask_causal_shapes(am_name, causal, TqTkD):
     Tq, Tk, D = TqTkD
+    if causal and Tq < Tk:  # is_causal needs Tq >= Tk
+        Tq, Tk = Tk, Tq
     B, H, dtype = 2, 3, torch.float32
     q, k, v = qkv(B, H, Tq, Tk, D, dtype, grad=True)
     hm = head_masks(B, H, dtype)["float_BH"]
@@ -132,7 +134,7 @@ def test_attn_mask_causal_shapes(am_name, causal, TqTkD):
 
 @pytest.mark.parametrize("layout", ["bhtd", "bthd"])
 def test_strided_inputs_and_scale(layout):
-    B, H, Tq, Tk, D = 2, 3, 6, 9, 24
+    B, H, Tq, Tk, D = 2, 3, 9, 6, 24
     q, k, v = qkv(B, H, Tq, Tk, D, layout=layout, grad=True)
     hm = head_masks(B, H, torch.float32)["bool_BH"]
     out, ref, g1, g2 = run_both(q, k, v, hm, torch.float32, scale=0.3, is_causal=True)
@@ -165,7 +167,7 @@ def test_rows_with_no_visible_key_match_the_cpu_op():
 
 
 def test_float16():
-    B, H, Tq, Tk, D = 2, 3, 7, 10, 16
+    B, H, Tq, Tk, D = 2, 3, 10, 7, 16
     q, k, v = qkv(B, H, Tq, Tk, D, torch.float16, grad=True)
     hm = head_masks(B, H, torch.float16)["float_BH"]
     out, ref, g1, g2 = run_both(q, k, v, hm, torch.float16, is_causal=True)
@@ -179,11 +181,11 @@ def test_float16():
 def test_gradcheck_float64():
     # Full gradcheck on the tiniest shape (each numerical column is an interpreter run), then
     # fast_mode (random projections of the Jacobian) on a batch with gates and padding.
-    q, k, v = qkv(1, 2, 2, 3, 3, D64, grad=True)
+    q, k, v = qkv(1, 2, 3, 3, 3, D64, grad=True)
     pad = torch.tensor([True, True, False]).view(1, 1, 1, 3)
     on = torch.tensor([[True, False]])
     assert torch.autograd.gradcheck(lambda q, k, v: mha(q, k, v, on, attn_mask=pad, is_causal=True), [q, k, v])
-    B, H, Tq, Tk, D = 2, 3, 3, 4, 5
+    B, H, Tq, Tk, D = 2, 3, 4, 4, 5
     q, k, v = qkv(B, H, Tq, Tk, D, D64, grad=True)
     pad = torch.ones(B, 1, 1, Tk, dtype=torch.bool)
     pad[1, ..., -1:] = False
@@ -218,7 +220,7 @@ def test_dense_grad_gate_gradient(shared):
 
 def test_opcheck():
     from sparse_ops.ops import registry as _reg
-    B, H, Tq, Tk, D = 2, 3, 3, 4, 8
+    B, H, Tq, Tk, D = 2, 3, 4, 3, 8
     q, k, v = qkv(B, H, Tq, Tk, D, grad=True)
     on = torch.tensor([[True, False, True], [False, True, True]])
     gate = torch.tensor([[0.5, 0.0, 1.5], [1.0, 0.25, 0.0]], requires_grad=True)
@@ -231,7 +233,7 @@ def test_opcheck():
 
 def test_off_pairs_are_never_computed():
     """NaN planted in the q/k/v of pairs that are off reaches neither the output nor any gradient."""
-    B, H, Tq, Tk, D = 2, 3, 6, 8, 16
+    B, H, Tq, Tk, D = 2, 3, 8, 6, 16
     on = torch.tensor([[True, False, True], [False, True, False]])
     check_off_pairs_untouched(mha, *qkv(B, H, Tq, Tk, D), on,
                               (on, on.float() * 0.5, torch.tensor([[0.5, 0.0, 2.0], [0.0, 1.0, 0.0]])),
@@ -270,3 +272,25 @@ def test_errors_from_the_op():
         _reg.triton_op("masked_head_attention")(q, k, v, torch.ones(2, 3, dtype=D64), None, False, None, False)
     with pytest.raises(ValueError, match=r"q must be 4-D"):
         _reg.triton_op("masked_head_attention")(q[0], k, v, torch.ones(2, 3, dtype=torch.bool), None, False, None, False)
+
+
+def test_pairs_on_grid_axis_0(monkeypatch):
+    """Every attention kernel puts the running pairs on grid axis 0 (up to 2^31 - 1 programs;
+    axes 1 and 2 allow only 65535, fewer than B * H pairs can be): the grids launched, recorded."""
+    import sparse_ops.triton_kernels.heads as tk
+    grids = []
+    real = tk._launch
+
+    def record(kernel, grid, *args, **kw):
+        grids.append((kernel.fn.__name__, tuple(grid)))
+        return real(kernel, grid, *args, **kw)
+
+    monkeypatch.setattr(tk, "_launch", record)
+    B, H, Tq, Tk, D = 2, 3, 40, 24, 16
+    q, k, v = qkv(B, H, Tq, Tk, D, grad=True)
+    hm = torch.tensor([[0.5, 0.0, 2.0], [0.0, 1.0, 1.5]], requires_grad=True)  # 4 pairs run
+    mha(q, k, v, hm, is_causal=True).sum().backward()
+    names = {n for n, _ in grids}
+    assert {"_fwd", "_bwd_pre", "_bwd_dkdv", "_bwd_dq"} <= names, names
+    for name, grid in grids:
+        assert grid[0] == 4 and all(g < 65535 for g in grid[1:]), (name, grid)

@@ -360,7 +360,7 @@ void zero_off_pairs(const Tensor& out, const Tensor& run) {
 std::tuple<Tensor, Tensor, Tensor, Tensor> masked_head_attention_cpu(
     const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& head_mask, const OptTensor& attn_mask,
     bool is_causal, std::optional<double> scale, bool /*dense_grad*/) {
-  const Sizes s = check_inputs(q, k, v, head_mask, attn_mask);
+  const Sizes s = check_inputs(q, k, v, head_mask, attn_mask, is_causal);
   const int64_t B = s.B, H = s.H, Tq = s.Tq, D = s.D;
   const bool gated = is_gated(head_mask);
   const auto dt = q.scalar_type();
@@ -427,7 +427,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> masked_head_attention_backward_cpu(
     const Tensor& grad_out, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& head_mask,
     const OptTensor& attn_mask, const Tensor& pairs, const Tensor& out, const Tensor& out_c, const Tensor& lse,
     bool is_causal, std::optional<double> scale, bool dense_grad, std::array<bool, 4> need) {
-  const Sizes s = check_inputs(q, k, v, head_mask, attn_mask);
+  const Sizes s = check_inputs(q, k, v, head_mask, attn_mask, is_causal);
   const int64_t B = s.B, H = s.H, Tq = s.Tq, Tk = s.Tk, D = s.D;
   TORCH_CHECK(grad_out.sizes() == q.sizes(), "masked_head_attention_backward: grad_out must be shaped like q ",
               q.sizes(), "; got ", grad_out.sizes());

@@ -67,7 +67,8 @@ def attention_mask_4d(key_padding_mask, attn_mask, is_causal: bool, need_weights
 
     nn.MultiheadAttention's rule: is_causal=True needs attn_mask (the causal mask) and is a hint
     that it is causal, used instead of the mask only when there is no key_padding_mask and no
-    weights are asked for. attn_mask: [L, S], or [B*H, L, S] ([H, L, S] unbatched); bool True =
+    weights are asked for (top-left aligned, as SDPA's; for L < S as an explicit mask, since the
+    op refuses is_causal with fewer queries than keys). attn_mask: [L, S], or [B*H, L, S] ([H, L, S] unbatched); bool True =
     not allowed, or additive float. key_padding_mask: [B, S] ([S] unbatched), same conventions.
     """
     if is_causal and attn_mask is None:
@@ -77,7 +78,11 @@ def attention_mask_4d(key_padding_mask, attn_mask, is_causal: bool, need_weights
         if not isinstance(attn_mask, torch.Tensor):
             raise TypeError(f"{who}: attn_mask must be a tensor; got {type(attn_mask).__name__}")
         if is_causal and key_padding_mask is None and not need_weights:
-            return None, True
+            if L >= S:
+                return None, True
+            # nn.MultiheadAttention hands is_causal to SDPA here (top-left aligned); the op refuses
+            # is_causal with L < S, so the same top-left mask goes in explicitly (True = not allowed).
+            attn_mask = torch.ones(L, S, dtype=torch.bool, device=attn_mask.device).tril().logical_not()
         if attn_mask.dim() == 2:
             if tuple(attn_mask.shape) != (L, S):
                 raise ValueError(f"{who}: 2-D attn_mask must be [L, S] = {[L, S]}; got {tuple(attn_mask.shape)}")

@@ -14,7 +14,7 @@ from .. import reference as _reference
 from . import registry as _registry
 
 
-def _check(q, k, v, head_mask, attn_mask):
+def _check(q, k, v, head_mask, attn_mask, is_causal):
     for name, t in (("q", q), ("k", k), ("v", v), ("head_mask", head_mask)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"masked_head_attention: {name} must be a torch.Tensor; got {type(t).__name__}")
@@ -35,6 +35,8 @@ def _check(q, k, v, head_mask, attn_mask):
                          f"got shape {tuple(head_mask.shape)}")
     if head_mask.dtype != torch.bool and not head_mask.is_floating_point():
         raise TypeError(f"masked_head_attention: head_mask must be bool or floating; got dtype {head_mask.dtype}")
+    if k.dim() == 4:
+        _reference.check_causal(q.shape[2], k.shape[2], is_causal)
 
 
 def masked_head_attention(q, k, v, head_mask, *, attn_mask=None, is_causal=False, scale=None,
@@ -47,8 +49,13 @@ def masked_head_attention(q, k, v, head_mask, *, attn_mask=None, is_causal=False
     attn_mask: bool (True = attend) or additive float, broadcastable to [B, H, Tq, Tk]; it gets
     no gradient. Pairs that do not run are never computed, forward or backward: their outputs and
     q/k/v gradients are exact zeros. Returns [B, H, Tq, D].
+    is_causal: the causal mask is top-left aligned (key j visible to query i iff j <= i), as
+    F.scaled_dot_product_attention's, and needs Tq >= Tk: with a KV cache (Tq < Tk) pass
+    is_causal=False for one query, or the bottom-right mask as attn_mask for a chunk of queries.
+    On CUDA the running pairs cost one host synchronisation per call (their count depends on
+    head_mask's values: torch.nonzero); dense_grad=True with skipped pairs, one more in backward.
     """
-    _check(q, k, v, head_mask, attn_mask)
+    _check(q, k, v, head_mask, attn_mask, is_causal)
     if head_mask.is_floating_point() and head_mask.dtype != q.dtype:
         head_mask = head_mask.to(q.dtype)
     return _registry.run("masked_head_attention", q.device, backend, q, k, v, head_mask, attn_mask, is_causal,

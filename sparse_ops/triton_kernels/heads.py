@@ -286,7 +286,7 @@ def _bthd(q, T):
     return q.new_zeros((B, T, H, D)).transpose(1, 2)
 
 
-def _check(q, k, v, head_mask, attn_mask, scale):
+def _check(q, k, v, head_mask, attn_mask, is_causal, scale):
     require_device(q, "masked_head_attention")
     if q.dim() != 4:
         raise ValueError(f"masked_head_attention (triton): q must be 4-D [B, H, Tq, D]; got {list(q.shape)}")
@@ -304,6 +304,7 @@ def _check(q, k, v, head_mask, attn_mask, scale):
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
         raise ValueError(f"masked_head_attention (triton): q must be float16, bfloat16, float32 or float64; "
                          f"got {q.dtype}")
+    _ref.check_causal(Tq, k.shape[2], is_causal, "masked_head_attention (triton)")
     if not (1 <= D <= 256):
         raise ValueError(f"masked_head_attention (triton): head dim D must be in [1, 256]; got {D}")
     if tuple(head_mask.shape) not in ((B, H), (H,)):
@@ -376,7 +377,7 @@ def _scale(scale, D):
 
 def forward(q, k, v, head_mask, attn_mask, is_causal, scale, dense_grad):
     """sparse_ops::masked_head_attention on the Triton kernels: (out, pairs, out_c, lse)."""
-    _check(q, k, v, head_mask, attn_mask, scale)
+    _check(q, k, v, head_mask, attn_mask, is_causal, scale)
     B, H, Tq, D = q.shape
     pairs, gate = _resolve(head_mask, B, H)
     P = pairs.shape[0]
