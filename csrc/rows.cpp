@@ -1,6 +1,8 @@
 // Checks shared by the CPU and CUDA row ops: clear errors naming the argument.
 #include "rows.h"
 
+#include <string>
+
 namespace sparse_ops {
 namespace rows {
 
@@ -12,6 +14,20 @@ static void check_idx(const char* op, const Tensor& x, const Tensor& idx, bool u
               idx.device());
   if (idx.numel() == 0) return;
   const int64_t R = x.size(0);
+  if (!idx.is_cpu()) {
+    // On the device, as ATen's index kernels check: no host synchronisation; a bad index fails
+    // the stream (reported at the next synchronising call) before any kernel reads it.
+    Tensor ok = idx.min().ge(-1).logical_and(idx.max().lt(R));
+    if (unique && R > 0) {
+      Tensor counts = at::zeros({R + 1}, idx.options());
+      counts.index_add_(0, idx.clamp(-1, R - 1) + 1, at::ones_like(idx));
+      ok = ok.logical_and(counts.narrow(0, 1, R).max().le(1));
+    }
+    const std::string msg = std::string(op) + ": idx must be in [-1, rows of x)" +
+                            (unique ? " and not repeat a row (other than -1 padding)" : "");
+    at::_assert_async(ok, msg);
+    return;
+  }
   const int64_t lo = idx.min().item<int64_t>(), hi = idx.max().item<int64_t>();
   TORCH_CHECK(lo >= -1 && hi < R, op, ": idx must be in [-1, ", R, ") (-1 = padding); got min ", lo,
               ", max ", hi);

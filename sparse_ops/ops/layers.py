@@ -141,6 +141,9 @@ def skip_layer(layer, x, keep, *args, gate=None, dense_grad=False, pad_mask_kwar
     row. Straight-through gradient: exact for rows that ran; for skipped rows 0, or exact with
     dense_grad=True (the layer then runs on those rows in backward only).
     Layers returning tuples (HF) are supported: the first element is the hidden state.
+    On CUDA the kept rows cost one host synchronisation (their count depends on keep's values);
+    the row ops themselves (gather_rows / scatter_rows with int64 idx) synchronise never: their
+    index checks run on the device.
     """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"skip_layer: x must be a torch.Tensor; got {type(x).__name__}")

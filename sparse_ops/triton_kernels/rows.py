@@ -16,6 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import reference as _ref
 from ._common import acc as _acc, launch as _launch, require_device
 
 _BLOCK = 1024
@@ -84,13 +85,7 @@ def _check(x, idx, src=None, gate=None):
     require_device(x, "gather_rows/scatter_rows")
     if idx.dtype != torch.int64 or idx.dim() != 1:
         raise ValueError(f"scatter_rows (triton): idx must be int64 [K]; got {idx.dtype} {list(idx.shape)}")
-    if idx.numel():
-        lo, hi = int(idx.min()), int(idx.max())
-        if lo < -1 or hi >= x.shape[0]:
-            raise ValueError(f"scatter_rows (triton): idx must be in [-1, {x.shape[0]}); got min {lo}, max {hi}")
-        kept = idx[idx >= 0]
-        if kept.numel() != torch.unique(kept).numel():
-            raise ValueError("scatter_rows (triton): idx must not repeat a row (other than -1 padding)")
+    _ref.check_row_indices(idx, x.shape[0], "gather_rows/scatter_rows (triton)")
     if src is not None and (src.shape[0] != idx.shape[0] or src.shape[1:] != x.shape[1:]):
         raise ValueError(f"scatter_rows (triton): src must be [K, ...] = [{idx.shape[0]}, ...row of x]; "
                          f"got {list(src.shape)}")
