@@ -118,6 +118,16 @@ def _available(name: str, op: str, device_type: str) -> tuple[bool, str]:
     return True, "built"
 
 
+def usable(name: str, op: str, device_type: str) -> tuple[bool, str]:
+    """Whether backend `name` can run `op` on `device_type` tensors here, and why (not)."""
+    return _available(name, op, device_type)
+
+
+def is_auto(backend: str | None) -> bool:
+    """Whether a call with this `backend=` leaves the pick to auto (the process-wide default)."""
+    return (backend if backend not in (None, "auto") else _current) == "auto"
+
+
 def choose(op: str, device: torch.device, backend: str | None = None) -> str:
     """The backend that runs `op` on `device`: the explicit one, or auto's pick."""
     name = backend if backend not in (None, "auto") else _current

@@ -39,6 +39,8 @@ def info() -> dict:
         ok, why = b.triton_status(dev)
         out["backends"][f"triton ({dev})"] = {"usable": ok, "why": why}
     out["backends"]["torch"] = {"usable": True, "why": "reference.py, always available (computes everything)"}
+    from .ops.ffn import AUTO_CUDA_DECODE
+    out["auto"] = {"cpu": "cpp", "cuda": "cuda, then triton", "cuda decode": AUTO_CUDA_DECODE}
     return out
 
 

@@ -3,6 +3,7 @@ scatter, and the row ops of skip_layer, against the reference. Skipped without a
 (CI has none; the GPU machine runs them), and without CUDA kernels in the build."""
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import sparse_ops
 from sparse_ops import backend
@@ -97,6 +98,112 @@ def test_opcheck_cuda():
     args = (x, p["w1"], p["w2"], p["b1"], p["b2"], None, torch.tensor([1, 2, 30], device=DEV), None, "gelu", True,
             False)
     torch.library.opcheck(torch.ops.sparse_ops.gated_ffn.default, args)
+
+
+# ---------------------------------------------------------------- gated_ffn: shapes and forms the CPU never sees
+class _OpsRan(TorchDispatchMode):
+    """Records the names of the sparse_ops ops dispatched inside the block."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "sparse_ops":
+            self.names.append(func.__name__.split(".")[0])
+        return func(*args, **(kwargs or {}))
+
+
+def _ffn_case(case, be):
+    """(x, params, active, gate, w2_transposed, dtype) of one GPU finding."""
+    g = torch.Generator().manual_seed(7)
+    dtype, N, d, F, w2t = torch.float32, 4, 96, 200, True
+    if case == "wide_d":
+        d = 1536
+    elif case == "bf16_w2_dF":
+        dtype, N, d, F, w2t = torch.bfloat16, 16, 512, 1024, False
+    elif case == "large":
+        dtype, N, d, F = torch.bfloat16, 8, 4096, 11008
+    x, p = make(N, d=d, F=F, w2t=w2t, glu=case in ("large", "strided_w"), dtype=dtype, seed=3)
+    active = (torch.rand(F, generator=g) > 0.5).to(DEV)
+    gate = None
+    if case == "scalar_gate":
+        gate = torch.tensor(0.5, dtype=dtype, device=DEV)
+    elif case == "row_gate":
+        gate = torch.rand(N, 1, generator=g, dtype=torch.float64).to(dtype).to(DEV).requires_grad_()
+    elif case == "strided_w":
+        with torch.no_grad():  # w1 [F, d] as the transpose of a [d, F] tensor; w2 likewise
+            p["w1"] = p["w1"].detach().t().contiguous().t().requires_grad_()
+            p["w2"] = p["w2"].detach().t().contiguous().t().requires_grad_()
+        assert not p["w1"].is_contiguous() and not p["w2"].is_contiguous()
+    elif case == "masked_rows":
+        active = (torch.rand(N, F, generator=g) > 0.5).to(DEV)
+        active[1] = False  # a row with every column off: its output is b2 alone
+    return x, p, active, gate, w2t, dtype
+
+
+@pytest.mark.parametrize("be", ["cuda", "triton"])
+@pytest.mark.parametrize("case", ["wide_d", "bf16_w2_dF", "scalar_gate", "row_gate", "strided_w", "masked_rows",
+                                  "large"])
+def test_gated_ffn_gpu_forms(be, case):
+    """d > 1024, bf16 with w2 in [d, F], a scalar and an [N, 1] gate, strided weights, a row with every
+    column off, and one large bf16 shape (d 4096, F 11008): output and gradients against the reference
+    in float64 (the large shape: output only)."""
+    x, p, active, gate, w2t, dtype = _ffn_case(case, be)
+    out = run(be, x, p, active, gate, w2t)
+    p64 = {k: (v.detach().double().requires_grad_() if v is not None else None) for k, v in p.items()}
+    x64 = x.detach().double().requires_grad_()
+    g64 = gate.detach().double().requires_grad_(gate.requires_grad) if gate is not None else None
+    ref = run("torch", x64, p64, active, g64, w2t)
+    tol = 2e-4 if dtype == torch.float32 else 5e-2
+
+    def close(a, b):
+        torch.testing.assert_close(a.double(), b, rtol=tol, atol=tol * max(1.0, b.abs().max().item()))
+
+    close(out, ref)
+    if case == "masked_rows":
+        torch.testing.assert_close(out[1].double(), p64["b2"].detach())
+    if case == "large":
+        return
+    ins = [x] + [v for v in p.values() if v is not None] + ([gate] if gate is not None and gate.requires_grad else [])
+    ins64 = [x64] + [v for v in p64.values() if v is not None] + ([g64] if g64 is not None and g64.requires_grad else [])
+    go = torch.randn(ref.shape, dtype=torch.float64, device=DEV)
+    for a, b in zip(torch.autograd.grad(out, ins, go.to(dtype)), torch.autograd.grad(ref, ins64, go)):
+        close(a, b)
+
+
+def test_auto_picks_triton_for_decode_on_cuda():
+    """auto on CUDA: decode (<= 16 rows) runs the Triton split-K GEMV, more rows the CUDA op (the
+    choice sparse_ops.info() reports under auto / cuda decode)."""
+    if not backend.usable("triton", "gated_ffn", "cuda")[0]:
+        pytest.skip("triton is not usable on this CUDA device")
+    for N, want in ((1, "gated_ffn_triton"), (16, "gated_ffn_triton"), (17, "gated_ffn")):
+        x, p = make(N, d=64, F=128, w2t=True)
+        with torch.no_grad(), _OpsRan() as ran:
+            run("auto", x, p, torch.tensor([3, 9, 40], device=DEV), None, True)
+        assert ran.names == [want], (N, ran.names)
+    assert "triton" in sparse_ops.info()["auto"]["cuda decode"]
+
+
+@pytest.mark.parametrize("be", ["cuda", "triton"])
+def test_int64_indices_never_synchronise(be):
+    """gated_ffn with int64 active (forward and backward) and the row ops with int64 idx run with
+    CUDA's sync debug mode set to error: not one host synchronisation."""
+    x, p = make(8, d=64, F=128, w2t=True)
+    active = torch.tensor([5, 1, 77, 30], device=DEV)
+    xr, src = torch.randn(9, 4, device=DEV), torch.randn(3, 4, device=DEV)
+    idx = torch.tensor([4, -1, 0], device=DEV)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = run(be, x, p, active, None, True)
+        out.sum().backward()
+        if be == "cuda":
+            torch.ops.sparse_ops.gather_rows(xr, idx)
+            torch.ops.sparse_ops.scatter_rows(xr, idx, src, None)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize()
 
 
 # ---------------------------------------------------------------- masked_head_attention

@@ -154,3 +154,41 @@ def test_strided_weights(N, w2t):
     exp = torch.autograd.grad(ref, [p["w1"], p["w2"], p["w3"]], gy)
     for a_, b_ in zip(got, exp):
         torch.testing.assert_close(a_, b_)
+
+
+@pytest.mark.parametrize("split", [1, 2, 3])
+@pytest.mark.parametrize("w2t", [False, True])
+@pytest.mark.parametrize("form", ["none", "per_row", "gate"])
+def test_decode_split_reductions(monkeypatch, split, w2t, form):
+    """The decode kernels with their reductions split over programs (d for the up-projection,
+    the active columns for the down-projection; on a GPU the split follows the SM count): several
+    d tiles (d = 300 > BD = 128) and column tiles (K up to 100 > BK = 32), uneven splits included."""
+    monkeypatch.setattr(tffn, "_splits", lambda tiles, other, device: min(tiles, split))
+    N, d, F = 5, 300, 100
+    x, p = make(N, d=d, F=F, w2t=w2t, glu=True, seed=4)
+    g = torch.Generator().manual_seed(5)
+    a = (torch.rand(N, F, generator=g) > 0.4).to(DEV) if form == "per_row" else None
+    gate = ((torch.rand(N, F, generator=g, dtype=D64) + 0.5) * (torch.rand(N, F, generator=g) > 0.2)).to(DEV) \
+        .requires_grad_() if form == "gate" else None
+    out, ref = run("triton", x, p, a, gate, w2t), run("torch", x, p, a, gate, w2t)
+    torch.testing.assert_close(out, ref)
+    params = [x] + [v for v in p.values() if v is not None] + ([gate] if gate is not None else [])
+    gy = torch.randn_like(out)
+    for got, exp in zip(torch.autograd.grad(out, params, gy), torch.autograd.grad(ref, params, gy)):
+        torch.testing.assert_close(got, exp)
+
+
+def test_decode_kernel_reads_only_active_rows():
+    """NaN in every weight row of an inactive column: the decode kernels never load them."""
+    N, d, F = 3, 140, 70
+    x, p = make(N, d=d, F=F, w2t=True, glu=True, seed=6)
+    on = torch.zeros(F, dtype=torch.bool)
+    on[[1, 33, 34, 69]] = True
+    with torch.no_grad():
+        for name in ("w1", "w3", "w2"):
+            p[name][~on.to(DEV)] = float("nan")
+        p["b1"][~on.to(DEV)] = float("nan")
+    out = run("triton", x, p, on.to(DEV), None, True)
+    assert torch.isfinite(out).all()
+    q = {k: (v.detach().nan_to_num(0.0) if v is not None else None) for k, v in p.items()}
+    torch.testing.assert_close(out, run("torch", x, q, on.to(DEV), None, True))

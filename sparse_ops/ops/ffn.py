@@ -13,6 +13,7 @@ import math
 import torch
 
 from .. import activations as _acts
+from .. import backend as _backend
 from .. import reference as _reference
 from . import registry as _registry
 
@@ -118,9 +119,25 @@ def gated_ffn(x, w1, w2, active=None, *, b1=None, b2=None, w3=None, gate=None,
     flat = _normal_already(x, w1, active, gate)
     x2, lead, active, gate = (x, None, active, gate) if flat else _normalize(x, w1, active, gate)
     _check_devices(x, w1, w2, b1, b2, w3, active, gate)
-    out = _registry.run("gated_ffn", x.device, backend, x2, w1, w2, b1, b2, w3, active, gate, activation,
-                        w2_transposed, dense_grad)
+    out = _registry.run("gated_ffn", x.device, _pick(backend, x2), x2, w1, w2, b1, b2, w3, active, gate,
+                        activation, w2_transposed, dense_grad)
     return out if flat else out.reshape(*lead, out.shape[-1])
+
+
+# What auto picks for decode on CUDA, and why (sparse_ops.info() reports it).
+AUTO_CUDA_DECODE = (
+    f"gated_ffn with 1..{_reference.FFN_DECODE_MAX_ROWS} rows on CUDA: triton, then cuda. By design "
+    "estimate, not yet measured on a GPU: the Triton split-K GEMV (triton_kernels/ffn.py decode_gemv) "
+    "keeps ~8-17 MB of weight loads in flight on an H200 (~3.4 MB saturate its 4.8 TB/s), the CUDA "
+    "warp-per-column kernel ~0.5 MB.")
+
+
+def _pick(backend, x2):
+    """The backend for this call: auto's pick, except decode on CUDA (AUTO_CUDA_DECODE)."""
+    if x2.is_cuda and 0 < x2.shape[0] <= _reference.FFN_DECODE_MAX_ROWS and _backend.is_auto(backend) \
+            and _backend.usable("triton", "gated_ffn", "cuda")[0]:
+        return "triton"
+    return backend
 
 
 # ----------------------------------------------------------------- registration

@@ -10,10 +10,10 @@ into the tile loads, nothing is copied), plus a per-row gather-GEMV for decode:
                   down-projection h @ W2a, and dx = dpre @ w1[idx] in backward
   scatter_tn:   O[idx[i]*s_oi + j*s_oj] = sum_m A[m, i] * B[m, j]
                 weight gradients written straight into the active rows/columns of a zero tensor
-  rowmask_gemv: decode (few rows) with per-row masks (Deja Vu / TEAL style): a program per block
-                of union columns computes every row's dot with the block's w1 rows, masks per
-                row, applies activation and gate, and adds h[n, k] * w2t[idx[k], :] into the
-                output with atomics (split over columns). Only active rows of w1/w3/w2t are read.
+  _decode_up, _decode_down: decode (N <= 16 rows, per-row masks included; Deja Vu / TEAL style):
+                split-K sparse GEMVs over 2-D grids of (column tile x d split) and (d tile x
+                column split) that read each active weight row once for all rows of the batch,
+                with 16-byte loads along whole rows and relaxed fp32 atomics (decode_gemv).
 Elementwise work (activation and its derivative, gate, per-row where) stays in torch.
 
 `forward` and `backward` are plain launchers taking the schema arguments of
@@ -21,6 +21,8 @@ Elementwise work (activation and its derivative, gate, per-row where) stays in t
 registers them as that op's Triton twin, with its fake kernel and autograd formula.
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
@@ -114,52 +116,92 @@ def _act(v, ACT: tl.constexpr):
 
 
 @triton.jit
-def _rowmask_gemv(x_ptr, w1_ptr, w3_ptr, w2t_ptr, b1_ptr, idx_ptr, rm_ptr, gate_ptr,
-                  pre_ptr, up_ptr, out_ptr, N, D, F, K,
-                  s_w1n, s_w1d, s_w3n, s_w3d, s_w2n, s_w2d, s_b1, s_gn, s_gf,
-                  HAS_W3: tl.constexpr, HAS_B1: tl.constexpr, HAS_RM: tl.constexpr,
-                  HAS_GATE: tl.constexpr, ACT: tl.constexpr, ACC: tl.constexpr,
-                  BK: tl.constexpr, BD: tl.constexpr):
-    # Weights, b1 and the gate are read through their strides (a transposed weight, a scalar
-    # gate expanded with stride 0); cols are int64, so every weight offset is 64-bit.
-    pid = tl.program_id(0)
-    rk = pid * BK + tl.arange(0, BK)
+def _decode_up(x_ptr, w1_ptr, w3_ptr, idx_ptr, pacc_ptr, uacc_ptr, N, D, K, d_per,
+               s_xn, s_w1n, s_w1d, s_w3n, s_w3d,
+               HAS_W3: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
+               BN: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr):
+    # Program (k tile, d split): pacc[n, k] += sum over its d_per inputs of x[n, d] * w1[idx[k], d]
+    # for every row n at once (N <= BN), so each weight tile is read once per call. Weight tiles
+    # are [BK, BD] slices of whole rows w1[idx[k], :], contiguous along d (16-byte loads).
+    pid_k = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    rk = pid_k * BK + tl.arange(0, BK)
     k_ok = rk < K
-    cols = tl.load(idx_ptr + rk, mask=k_ok, other=0)
-    rd = tl.arange(0, BD)
-    for n in range(0, N):
-        run = k_ok
+    cols = tl.load(idx_ptr + rk, mask=k_ok, other=0)  # int64: every weight offset is 64-bit
+    rn = tl.arange(0, BN)
+    n_ok = rn < N
+    rd = tl.arange(0, BD).to(tl.int64)
+    p = tl.zeros((BN, BK), dtype=ACC)
+    u = tl.zeros((BN, BK), dtype=ACC)
+    d_lo = pid_d * d_per
+    for d0 in range(d_lo, tl.minimum(d_lo + d_per, D), BD):
+        d_ok = (d0 + rd) < D
+        xt = tl.load(x_ptr + rn[:, None] * s_xn + (d0 + rd)[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        w = tl.load(w1_ptr + cols[:, None] * s_w1n + (d0 + rd)[None, :] * s_w1d,
+                    mask=k_ok[:, None] & d_ok[None, :], other=0.0)
+        if UPCAST:
+            xt = xt.to(ACC)
+            w = w.to(ACC)
+        p += tl.dot(xt, tl.trans(w), out_dtype=ACC, input_precision=PREC)
+        if HAS_W3:
+            w3 = tl.load(w3_ptr + cols[:, None] * s_w3n + (d0 + rd)[None, :] * s_w3d,
+                         mask=k_ok[:, None] & d_ok[None, :], other=0.0)
+            if UPCAST:
+                w3 = w3.to(ACC)
+            u += tl.dot(xt, tl.trans(w3), out_dtype=ACC, input_precision=PREC)
+    ok = n_ok[:, None] & k_ok[None, :]
+    off = rn[:, None] * K + rk[None, :]
+    tl.atomic_add(pacc_ptr + off, p, mask=ok, sem="relaxed")
+    if HAS_W3:
+        tl.atomic_add(uacc_ptr + off, u, mask=ok, sem="relaxed")
+
+
+@triton.jit
+def _decode_down(pacc_ptr, uacc_ptr, b1_ptr, idx_ptr, rm_ptr, gate_ptr, w2_ptr, pre_ptr, up_ptr, out_ptr,
+                 N, D, K, k_per, s_b1, s_gn, s_gf, s_w2n, s_w2d,
+                 HAS_W3: tl.constexpr, HAS_B1: tl.constexpr, HAS_RM: tl.constexpr, HAS_GATE: tl.constexpr,
+                 ACT: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
+                 BN: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr):
+    # Program (d tile, k split): h = act(pre) [* up] * gate, zero where a row's mask is off, for
+    # its k_per active columns, then out[n, d] += sum_k h[n, k] * w2[idx[k], d] for every row,
+    # one atomic per output element per program. The d == 0 programs store pre and up.
+    pid_d = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rn = tl.arange(0, BN)
+    n_ok = rn < N
+    rd = (pid_d * BD + tl.arange(0, BD)).to(tl.int64)
+    d_ok = rd < D
+    o = tl.zeros((BN, BD), dtype=ACC)
+    k_lo = pid_k * k_per
+    for k0 in range(k_lo, tl.minimum(k_lo + k_per, K), BK):
+        rk = k0 + tl.arange(0, BK)
+        k_ok = rk < K
+        cols = tl.load(idx_ptr + rk, mask=k_ok, other=0)
+        ok = n_ok[:, None] & k_ok[None, :]
+        run = ok
         if HAS_RM:
-            run = run & (tl.load(rm_ptr + n * K + rk, mask=k_ok, other=0) != 0)
-        p = tl.zeros((BK,), dtype=ACC)
-        u = tl.zeros((BK,), dtype=ACC)
-        for d0 in range(0, D, BD):
-            d_ok = (d0 + rd) < D
-            xv = tl.load(x_ptr + n * D + d0 + rd, mask=d_ok, other=0.0).to(ACC)
-            w = tl.load(w1_ptr + cols[:, None] * s_w1n + (d0 + rd)[None, :] * s_w1d,
-                        mask=run[:, None] & d_ok[None, :], other=0.0).to(ACC)
-            p += tl.sum(w * xv[None, :], axis=1)
-            if HAS_W3:
-                w3 = tl.load(w3_ptr + cols[:, None] * s_w3n + (d0 + rd)[None, :] * s_w3d,
-                             mask=run[:, None] & d_ok[None, :], other=0.0).to(ACC)
-                u += tl.sum(w3 * xv[None, :], axis=1)
+            run = run & (tl.load(rm_ptr + rn[:, None] * K + rk[None, :], mask=ok, other=0) != 0)
+        off = rn[:, None] * K + rk[None, :]
+        p = tl.load(pacc_ptr + off, mask=ok, other=0.0)
         if HAS_B1:
-            p += tl.load(b1_ptr + cols * s_b1, mask=run, other=0.0).to(ACC)
+            p += tl.load(b1_ptr + cols * s_b1, mask=k_ok, other=0.0).to(ACC)[None, :]
         h = _act(p, ACT)
         if HAS_W3:
+            u = tl.load(uacc_ptr + off, mask=ok, other=0.0)
             h = h * u
         if HAS_GATE:
-            h = h * tl.load(gate_ptr + n * s_gn + cols * s_gf, mask=run, other=0.0).to(ACC)
+            h = h * tl.load(gate_ptr + rn[:, None] * s_gn + cols[None, :] * s_gf, mask=ok, other=0.0).to(ACC)
         h = tl.where(run, h, 0.0)
-        tl.store(pre_ptr + n * K + rk, tl.where(run, p, 0.0).to(pre_ptr.dtype.element_ty), mask=k_ok)
-        if HAS_W3:
-            tl.store(up_ptr + n * K + rk, tl.where(run, u, 0.0).to(up_ptr.dtype.element_ty), mask=k_ok)
-        for d0 in range(0, D, BD):
-            d_ok = (d0 + rd) < D
-            w2 = tl.load(w2t_ptr + cols[:, None] * s_w2n + (d0 + rd)[None, :] * s_w2d,
-                         mask=run[:, None] & d_ok[None, :], other=0.0).to(ACC)
-            contrib = tl.sum(w2 * h[:, None], axis=0)
-            tl.atomic_add(out_ptr + n * D + d0 + rd, contrib, mask=d_ok)
+        if pid_d == 0:
+            tl.store(pre_ptr + off, tl.where(run, p, 0.0).to(pre_ptr.dtype.element_ty), mask=ok)
+            if HAS_W3:
+                tl.store(up_ptr + off, tl.where(run, u, 0.0).to(up_ptr.dtype.element_ty), mask=ok)
+        w2 = tl.load(w2_ptr + cols[:, None] * s_w2n + rd[None, :] * s_w2d, mask=k_ok[:, None] & d_ok[None, :],
+                     other=0.0)
+        if UPCAST:
+            w2 = w2.to(ACC)
+        o += tl.dot(h.to(w2.dtype), w2, out_dtype=ACC, input_precision=PREC)
+    tl.atomic_add(out_ptr + rn[:, None] * D + rd[None, :], o, mask=n_ok[:, None] & d_ok[None, :], sem="relaxed")
 
 
 # ------------------------------------------------------------------ launchers
@@ -207,27 +249,66 @@ def scatter_tn(a, b, idx, out, s_oi, s_oj):
     return out
 
 
-def rowmask_gemv(x, w1, w3, w2t, b1, idx, row_mask, gate, activation):
+@functools.lru_cache(maxsize=None)
+def _sm_count(index):
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _splits(tiles, other_tiles, device):
+    """How many ways to split the reduction of a decode kernel so that the grid has about four
+    programs per SM (the interpreter: no split beyond what the shape gives)."""
+    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device()) \
+        if device.type == "cuda" else 1
+    return max(1, min(tiles, triton.cdiv(4 * sms, max(other_tiles, 1))))
+
+
+def decode_gemv(x, w1, w3, w2, b1, idx, row_mask, gate, activation, s_w2n, s_w2d):
+    """Decode (N <= 16 rows): (out, pre, up) of the active columns idx, per-row masks included.
+
+    Two kernels, each reading its weights once for all N rows: _decode_up (grid: column tiles x
+    d splits; split-K partial sums of x w1^T and x w3^T added with relaxed fp32 atomics) and
+    _decode_down (grid: d tiles x column splits; activation, gate and row mask, then h @ w2 with
+    one atomic per output element per program). w2 is read through its strides along F (s_w2n)
+    and d (s_w2d): rows of w2^T are contiguous when w2_transposed=True; the [d, F] layout gathers
+    2-byte elements along F (correct, not bandwidth-efficient).
+
+    Bytes in flight (H200: 4.8 TB/s x ~0.7 us DRAM latency ~ 3.4 MB needed chip-wide): a bf16
+    weight tile is BK x BD = 32 x 128 x 2 B = 8 KB per load (16 KB with w3), each program keeps
+    num_stages (2-3) such loads in flight in its loop, and the split factors give ~4 programs per
+    SM: ~4 x 2 x 8-16 KB = 64-128 KB per SM, 8-17 MB over 132 SMs, so the loads, not the latency,
+    bound the call. The CUDA decode kernel (csrc/cuda/ffn_kernels.cu: one warp per column,
+    scalar 2-byte loads, one request in flight per warp) holds ~64 B per warp, ~0.5 MB chip-wide.
+    Not yet measured on a GPU (none was available where this was written).
+    """
     N, D = x.shape
     K = idx.shape[0]
+    acc_t = _ref.acc_dtype(x.dtype)
     pre = torch.zeros(N, K, dtype=x.dtype, device=x.device)
     up = torch.zeros(N, K, dtype=x.dtype, device=x.device) if w3 is not None else x.new_empty(0)
-    out = torch.zeros(N, D, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32,
-                      device=x.device)
+    out = torch.zeros(N, D, dtype=acc_t, device=x.device)
     if N == 0 or K == 0:
         return out.to(x.dtype), pre, up
-    BK, BD = 16, _blocks(D, hi=128)
-    rm = row_mask.to(torch.uint8).contiguous() if row_mask is not None else None
+    BN, BK, BD = 16, 32, _blocks(D, lo=16, hi=128)
+    pacc = torch.zeros(N, K, dtype=acc_t, device=x.device)
+    uacc = torch.zeros(N, K, dtype=acc_t, device=x.device) if w3 is not None else pacc
     w3s = w3 if w3 is not None else w1
-    _launch(_rowmask_gemv, (triton.cdiv(K, BK),), x, w1, w3s, w2t,
-            b1 if b1 is not None else x, idx, rm if rm is not None else idx, gate if gate is not None else x,
-            pre, up if w3 is not None else pre, out, N, D, w1.shape[0], K,
-            w1.stride(0), w1.stride(1), w3s.stride(0), w3s.stride(1), w2t.stride(0), w2t.stride(1),
+    k_tiles, d_tiles = triton.cdiv(K, BK), triton.cdiv(D, BD)
+    d_split = _splits(d_tiles, k_tiles, x.device)
+    d_per = triton.cdiv(d_tiles, d_split) * BD
+    common = dict(UPCAST=_upcast(x), ACC=_acc(x), PREC=_precision(x), BN=BN, BK=BK, BD=BD)
+    _launch(_decode_up, (k_tiles, triton.cdiv(D, d_per)), x, w1, w3s, idx, pacc, uacc, N, D, K, d_per,
+            x.stride(0), w1.stride(0), w1.stride(1), w3s.stride(0), w3s.stride(1), HAS_W3=w3 is not None, **common)
+    k_split = _splits(k_tiles, d_tiles, x.device)
+    k_per = triton.cdiv(k_tiles, k_split) * BK
+    rm = row_mask.to(torch.uint8).contiguous() if row_mask is not None else None
+    _launch(_decode_down, (d_tiles, triton.cdiv(K, k_per)), pacc, uacc, b1 if b1 is not None else x, idx,
+            rm if rm is not None else idx, gate if gate is not None else x, w2, pre,
+            up if w3 is not None else pre, out, N, D, K, k_per,
             b1.stride(0) if b1 is not None else 0,
             gate.stride(0) if (gate is not None and gate.dim() == 2) else 0,
-            gate.stride(-1) if gate is not None else 0,
-            HAS_W3=w3 is not None, HAS_B1=b1 is not None, HAS_RM=rm is not None,
-            HAS_GATE=gate is not None, ACT=_acts.CODE[activation], ACC=_acc(x), BK=BK, BD=BD)
+            gate.stride(-1) if gate is not None else 0, s_w2n, s_w2d,
+            HAS_W3=w3 is not None, HAS_B1=b1 is not None, HAS_RM=rm is not None, HAS_GATE=gate is not None,
+            ACT=_acts.CODE[activation], **common)
     return out.to(x.dtype), pre, up
 
 
@@ -302,8 +383,9 @@ def forward(x, w1, w2, b1, b2, w3, active, gate, activation, w2_transposed, dens
     else:
         saved_mask = torch.empty(0, dtype=torch.bool, device=x.device)
         saved_group = torch.empty(0, dtype=torch.int64, device=x.device)
-    if 0 < N <= 16 and w2_transposed and K > 0:
-        out, pre, up = rowmask_gemv(x, w1, w3, w2, b1, idx, row_mask, gate, activation)
+    if 0 < N <= _ref.FFN_DECODE_MAX_ROWS and K > 0:
+        out, pre, up = decode_gemv(x, w1, w3, w2, b1, idx, row_mask, gate, activation,
+                                   *_w2_strides(w2, w2_transposed))
         if b2 is not None:
             out = out + b2
         return out, idx, pre, up, saved_mask, saved_group
