@@ -134,8 +134,82 @@ def _case(name, N, keep, device, mask_kind="shared", w2_transposed=False, glu=Fa
     return row
 
 
+# The CUDA decode rows: a LLaMA-3-8B-sized SwiGLU FFN in bf16 (d 4096, F 14336), batch 1 and 4.
+D_GPU, FF_GPU = 4096, 14336
+
+
+_GPU_SETS: dict = {}
+
+
+def _gpu_weights(d, f, dt):
+    """DECODE_LAYERS weight sets of the CUDA decode rows, drawn on the GPU once per process
+    (4 x 470 MB: no call finds its weights in the 60 MB L2 left by the previous one)."""
+    key = (d, f, dt)
+    if key not in _GPU_SETS:
+        g = torch.Generator(device="cuda").manual_seed(0)
+
+        def p(*s, scale):
+            return (torch.randn(*s, generator=g, device="cuda") * scale).to(dt)
+        sets = []
+        for _ in range(DECODE_LAYERS):
+            w = {"w1": p(f, d, scale=d ** -0.5), "w3": p(f, d, scale=d ** -0.5), "w2": p(d, f, scale=f ** -0.5),
+                 "b1": p(f, scale=0.02), "b2": p(d, scale=0.02)}
+            w["w2t"] = w["w2"].t().contiguous()
+            sets.append(w)
+        _GPU_SETS[key] = sets
+    return _GPU_SETS[key]
+
+
+def _gpu_decode_case(N, keep, seed=0):
+    """bf16 decode on CUDA: sparse (auto: the Triton split-K GEMV), the CUDA op's warp-per-column
+    kernel, the TEAL-style Triton GEMV of bench/teal_gemv.py, against dense cuBLAS (F.linear) and
+    the mask multiply. Prints the bandwidth the sparse path reaches on its active weight bytes."""
+    from . import teal_gemv
+    g = torch.Generator().manual_seed(seed)
+    d, f, dt = D_GPU, FF_GPU, torch.bfloat16
+    sets = _gpu_weights(d, f, dt)
+    x = torch.randn(N, d, generator=g).to(dt).to("cuda")
+    mask = _mask(f, keep, g).to("cuda")
+    mask_f = mask.to(dt)
+    idx = torch.nonzero(mask).flatten()
+    turn = itertools.count()
+
+    def cycled(fn):
+        return lambda: fn(sets[next(turn) % len(sets)])
+
+    def sparse_on(w, backend="auto"):
+        return sparse_ops.gated_ffn(x, w["w1"], w["w2t"], idx, b1=w["b1"], b2=w["b2"], w3=w["w3"],
+                                    activation="silu", w2_transposed=True, backend=backend)
+
+    fns = {"dense": cycled(lambda w: _dense_ffn(x, w, F.silu)),
+           "masked": cycled(lambda w: _dense_ffn(x, w, F.silu, mask_f)),
+           "sparse": cycled(sparse_on),
+           "cuda_op": cycled(lambda w: sparse_on(w, "cuda")),
+           "teal_gemv": cycled(lambda w: teal_gemv.ffn(x, w["w1"], w["w2t"], w["b1"], w["b2"], w["w3"], idx,
+                                                       F.silu))}
+
+    def check():
+        with torch.no_grad():
+            want = _dense_ffn(x, sets[0], F.silu, mask_f)
+            for name, got in (("sparse", sparse_on(sets[0])), ("cuda_op", sparse_on(sets[0], "cuda")),
+                              ("teal_gemv", teal_gemv.ffn(x, sets[0]["w1"], sets[0]["w2t"], sets[0]["b1"],
+                                                          sets[0]["b2"], sets[0]["w3"], idx, F.silu))):
+                err = (got.float() - want.float()).abs().max().item()
+                if err > 5e-2 * max(1.0, want.float().abs().max().item()):
+                    raise AssertionError(f"bench ffn cuda decode: {name} differs from the masked FFN by {err:.3g}")
+
+    return {"op": "ffn", "case": f"cuda decode N={N} swiglu bf16", "device": "cuda", "dtype": "bfloat16",
+            "shape": f"N={N} d={d} F={f} glu", "keep": keep,
+            "backend": _backend.choose("gated_ffn", torch.device("cuda")),
+            "bytes": 3 * idx.numel() * d * 2, "fns": fns, "check": check, "train": False}
+
+
 def cases(device: str, quick: bool):
     """The FFN benchmark rows."""
+    if device == "cuda":
+        for N in (1, 4):
+            for k in (1.0, 0.5, 0.25):
+                yield _gpu_decode_case(N, k)
     ks = (1.0, 0.5, 0.25)
     N_pre = 1024
     for k in ks:

@@ -74,6 +74,8 @@ def run_case(case: dict, timer: Timer) -> dict:
     row["masked_speedup"] = round(row["dense_ms"] / row["masked_ms"], 3)
     row.setdefault("ideal", round(1.0 / row["keep"], 3) if row["keep"] > 0 else float("inf"))
     row["ratio_to_ideal"] = round(row["speedup"] / row["ideal"], 3)
+    if row.get("bytes"):  # the weight bytes the sparse path must read: the bandwidth it reached
+        row["sparse_GBps"] = round(row["bytes"] / row["sparse_ms"] / 1e6, 1)
     return row
 
 
@@ -85,6 +87,8 @@ def _extra(row: dict) -> str:
     base = {"dense_ms", "masked_ms", "sparse_ms"}
     parts = [f"{k[:-3]} {row[k]:.3g}ms ({row['dense_ms'] / row[k]:.2f}x)"
              for k in row if k.endswith("_ms") and k not in base]
+    if row.get("sparse_GBps"):
+        parts.append(f"sparse reads {row['sparse_GBps']:.0f} GB/s")
     if row.get("note"):  # a baseline that could not run here, and why
         parts.append(str(row["note"]))
     return "; ".join(parts)
