@@ -399,8 +399,48 @@ Active plan_forward(int64_t N, int64_t F, const OptTensor& active, const OptTens
   return a;
 }
 
-Active plan_backward(int64_t F, const OptTensor& gate, const Tensor& idx, const Tensor& row_mask,
-                     const Tensor& row_group) {
+// The backward trusts idx to address rows of w1 / w3 / w2 and of the gradients it writes, and
+// the op is public (torch.ops.sparse_ops.gated_ffn_backward): idx must be what the forward
+// returned for these active / gate, the sorted columns that run, before anything indexes with
+// it. With run = active & (gate != 0) (the union over rows for per-row masks): idx increases
+// strictly, lies in [0, F), runs at every entry, and has as many entries as run has columns.
+// CPU: an error naming what is wrong. CUDA: on the device, so nothing waits for it (a bad idx
+// fires the device-side assert before a kernel reads it; the CUDA context is then lost).
+static void check_saved_idx(int64_t F, const OptTensor& active, const OptTensor& gate, const Tensor& idx) {
+  const int64_t K = idx.size(0);
+  const char* what = "gated_ffn_backward: idx must be the sorted columns that run for these active and gate "
+                     "(as gated_ffn returned it)";
+  if (idx.is_cpu()) {
+    const int64_t* p = idx.data_ptr<int64_t>();
+    for (int64_t k = 0; k < K; ++k) {
+      TORCH_CHECK(p[k] >= 0 && p[k] < F, what, "; got ", p[k], " at position ", k, ", outside [0, F) = [0, ", F, ")");
+      TORCH_CHECK(k == 0 || p[k] > p[k - 1], what, "; got ", p[k], " after ", p[k - 1], " at position ", k);
+    }
+    if (!active && !gate) {
+      TORCH_CHECK(K == F, what, "; got ", K, " of the F = ", F, " columns with every column active");
+      return;
+    }
+  }
+  Tensor run = active ? active_mask(F, active, idx.options()) : at::ones({F}, idx.options().dtype(at::kBool));
+  if (gate) run = at::logical_and(run, gate->ne(0));
+  if (run.dim() == 2) run = run.any(0);
+  Tensor ok = run.sum().eq(K);
+  if (K > 0) ok = ok.logical_and(run.index_select(0, idx.clamp(0, F - 1)).all());
+  if (idx.is_cpu()) {
+    TORCH_CHECK(ok.item<bool>(), what, "; got ", K, " indices where ", run.sum().item<int64_t>(),
+                " columns run, or an index of a column that does not run");
+    return;
+  }
+  if (K > 0) {
+    ok = ok.logical_and(idx.min().ge(0)).logical_and(idx.max().lt(F));
+    if (K > 1) ok = ok.logical_and(idx.slice(0, 1).gt(idx.slice(0, 0, K - 1)).all());
+  }
+  at::_assert_async(ok, what);
+}
+
+Active plan_backward(int64_t F, const OptTensor& active, const OptTensor& gate, const Tensor& idx,
+                     const Tensor& row_mask, const Tensor& row_group) {
+  check_saved_idx(F, active, gate, idx);
   Active a;
   a.idx = idx;
   if (row_mask.dim() == 2) {  // per-row (check_backward_inputs matched it to active / gate)

@@ -69,10 +69,11 @@ Tensor active_mask(int64_t F, const OptTensor& active, const at::TensorOptions& 
 Active plan_forward(int64_t N, int64_t F, const OptTensor& active, const OptTensor& gate,
                     const at::TensorOptions& like);
 
-// The backward's plan, from what plan_forward returned (idx, row_mask, row_group); gate only
-// gives gate_a. Call check_backward_inputs first; on CPU idx must be checked in [0, F).
-Active plan_backward(int64_t F, const OptTensor& gate, const Tensor& idx, const Tensor& row_mask,
-                     const Tensor& row_group);
+// The backward's plan, from what plan_forward returned (idx, row_mask, row_group), after
+// checking idx against active and gate (on the device on CUDA); gate also gives gate_a. Call
+// check_backward_inputs first. idx must be contiguous.
+Active plan_backward(int64_t F, const OptTensor& active, const OptTensor& gate, const Tensor& idx,
+                     const Tensor& row_mask, const Tensor& row_group);
 
 }  // namespace ffn
 }  // namespace sparse_ops

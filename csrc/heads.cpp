@@ -2,6 +2,7 @@
 #include "heads.h"
 
 #include <limits>
+#include <string>
 
 namespace sparse_ops {
 namespace heads {
@@ -72,6 +73,60 @@ Tensor gate_bh(const Tensor& head_mask, int64_t B, int64_t H, at::ScalarType dt)
 
 Tensor running_pairs(const Tensor& run) {
   return at::nonzero(run.reshape({-1})).view({-1});
+}
+
+int64_t check_backward_saved(const Sizes& s, const Tensor& grad_out, const Tensor& q, const Tensor& head_mask,
+                             const Tensor& pairs, const Tensor& out, const Tensor& out_c, const Tensor& lse) {
+  const char* op = "masked_head_attention_backward";
+  TORCH_CHECK(grad_out.sizes() == q.sizes(), op, ": grad_out must be shaped like q ", q.sizes(), "; got ",
+              grad_out.sizes());
+  check_dev_dtype(grad_out, q, "grad_out");
+  TORCH_CHECK(pairs.scalar_type() == at::kLong && pairs.dim() == 1, op, ": pairs must be int64 [P]; got ",
+              pairs.scalar_type(), " ", pairs.sizes());
+  TORCH_CHECK(pairs.device() == q.device(), op, ": pairs must be on q's device (", q.device(), "); got ",
+              pairs.device());
+  const int64_t n = s.B * s.H, P = pairs.size(0);
+  TORCH_CHECK(P <= n, op, ": pairs must hold at most B * H = ", n, " pairs; got ", P);
+  TORCH_CHECK(out.sizes() == q.sizes(), op, ": out must be shaped like q ", q.sizes(), " (as the forward returned "
+              "it); got ", out.sizes());
+  check_dev_dtype(out, q, "out");
+  const bool work = P > 0 && s.Tq > 0;
+  if (work && is_gated(head_mask)) {
+    TORCH_CHECK(out_c.numel() == P * s.Tq * s.D, op, ": out_c must be [P, Tq, D] = [", P, ", ", s.Tq, ", ", s.D,
+                "] for a float head_mask; got ", out_c.sizes());
+    check_dev_dtype(out_c, q, "out_c");
+  }
+  if (work) {
+    const auto acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+    TORCH_CHECK(lse.dim() == 2 && lse.size(0) == P && lse.size(1) == s.Tq && lse.scalar_type() == acc &&
+                lse.device() == q.device(), op, ": lse must be ", acc, " [P, Tq] = [", P, ", ", s.Tq,
+                "] on q's device; got ", lse.scalar_type(), " ", lse.sizes(), " on ", lse.device());
+  }
+  // pairs: strictly increasing, in [0, B * H), each one running, as many as run.
+  const Tensor run = run_mask(head_mask, s.B, s.H).reshape({-1});
+  const char* what = ": pairs must be the sorted running pairs b * H + h of head_mask (as the forward returned them)";
+  if (pairs.is_cpu()) {
+    const Tensor pc = pairs.contiguous();
+    const int64_t* pp = pc.data_ptr<int64_t>();
+    for (int64_t p = 0; p < P; ++p) {
+      TORCH_CHECK(pp[p] >= 0 && pp[p] < n, op, what, "; got ", pp[p], " at position ", p, ", outside [0, B * H) = [0, ",
+                  n, ")");
+      TORCH_CHECK(p == 0 || pp[p] > pp[p - 1], op, what, "; got ", pp[p], " after ", pp[p - 1], " at position ", p);
+    }
+    const int64_t running = run.sum().item<int64_t>();
+    TORCH_CHECK(running == P && (P == 0 || run.index_select(0, pc).all().item<bool>()), op, what, "; got ", P,
+                " pairs where ", running, " run, or a pair that does not run");
+    return P;
+  }
+  if (P > 0) {
+    Tensor ok = run.sum().eq(P).logical_and(pairs.min().ge(0)).logical_and(pairs.max().lt(n));
+    if (P > 1) ok = ok.logical_and(pairs.slice(0, 1).gt(pairs.slice(0, 0, P - 1)).all());
+    ok = ok.logical_and(run.index_select(0, pairs.clamp(0, n - 1)).all());
+    at::_assert_async(ok, std::string(op) + what);
+  } else {
+    at::_assert_async(run.any().logical_not(), std::string(op) + what);
+  }
+  return P;
 }
 
 Tensor mask_4d(const OptTensor& attn_mask, const Sizes& s) {

@@ -42,6 +42,14 @@ Tensor gate_bh(const Tensor& head_mask, int64_t B, int64_t H, at::ScalarType dt)
 // Running pairs: int64 [P], sorted flat indices b * H + h where run is true.
 Tensor running_pairs(const Tensor& run);
 
+// The backward op is public (torch.ops.sparse_ops.masked_head_attention_backward) and indexes
+// with what the forward returned: grad_out and out shaped like q, pairs the sorted running pairs
+// of head_mask, out_c [P, Tq, D] for a float head_mask, lse [P, Tq] in the accumulation type.
+// Checked before anything indexes with them: on the host with an error naming what is wrong
+// (CPU), on the device with no host synchronisation (CUDA). Returns P.
+int64_t check_backward_saved(const Sizes& s, const Tensor& grad_out, const Tensor& q, const Tensor& head_mask,
+                             const Tensor& pairs, const Tensor& out, const Tensor& out_c, const Tensor& lse);
+
 // attn_mask (bool or float, broadcastable to [B, H, Tq, Tk]) as a 4-D tensor [mB, mH, mTq, Tk]
 // (mB in {1, B}, mH in {1, H}, mTq in {1, Tq}) with every broadcast dimension kept at size 1.
 // Undefined when attn_mask is absent.

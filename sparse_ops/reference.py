@@ -82,6 +82,40 @@ def check_row_indices(idx, rows: int, op: str) -> None:
         raise ValueError(f"{msg}; got min {int(lo)}, max {int(hi)}")
 
 
+def _holds(ok, msg, on_device):
+    """ok (a bool tensor) must be true: on CUDA checked on the device (no host synchronisation),
+    else a ValueError with msg."""
+    if on_device:
+        torch._assert_async(ok, msg)
+    elif not bool(ok):
+        raise ValueError(msg)
+
+
+def check_sorted_subset(idx, run, what: str) -> None:
+    """The saved index list idx (int64 [K]) of a backward op must be the sorted positions where the
+    bool vector run is true, as the forward made it: strictly increasing, in range, each one
+    running, as many as run has. Checked before anything indexes with it."""
+    n = run.shape[0]
+    if idx.dtype != torch.int64 or idx.dim() != 1 or idx.device != run.device:
+        raise ValueError(f"{what}; got {idx.dtype} {list(idx.shape)} on {idx.device}")
+    if idx.device.type == "meta":
+        return
+    K = idx.shape[0]
+    ok = run.sum() == K
+    if K:
+        ok = ok & (idx.min() >= 0) & (idx.max() < n) & run[idx.clamp(0, max(n - 1, 0))].all()
+        if K > 1:
+            ok = ok & (idx[1:] > idx[:-1]).all()
+    _holds(ok, what, idx.is_cuda)
+
+
+def check_shape(t, shape, what: str, dtype=None) -> None:
+    """A saved tensor of a backward op has the shape (and dtype) the forward gave it."""
+    if tuple(t.shape) != tuple(shape) or (dtype is not None and t.dtype != dtype):
+        raise ValueError(f"{what} must be {dtype or t.dtype} {list(shape)} (as the forward returned it); got "
+                         f"{t.dtype} {list(t.shape)}")
+
+
 def ffn_mask(active, F_: int, device) -> torch.Tensor:
     """`active` (None, int64 [K], bool [F] or bool [..., F]) as a bool mask broadcastable to [..., F]."""
     if active is None:
@@ -142,14 +176,14 @@ def masked_head_attention(q, k, v, head_mask, *, attn_mask=None, is_causal=False
 def gather_rows(x, idx):
     """out[k] = x[idx[k]], zeros where idx[k] == -1 (padding)."""
     out = x.index_select(0, idx.clamp_min(0))
-    pad = idx < 0
-    if bool(pad.any()):
-        out = out.masked_fill(pad.view(-1, *([1] * (x.dim() - 1))), 0)
-    return out
+    pad = idx < 0  # masked_fill whether or not any row pads: no host sync, and meta tensors work
+    return out.masked_fill(pad.view(-1, *([1] * (x.dim() - 1))), 0)
 
 
 def scatter_rows(x, idx, src, gate=None):
     """y = x with y[idx[k]] = src[k], or x[i] + gate[k] * (src[k] - x[i]); padding rows (-1) skipped."""
+    if x.device.type == "meta":  # shapes only: which rows are padding needs idx's values
+        return torch.empty_like(x)
     keep = idx >= 0
     i, s = idx[keep], src[keep]
     if gate is not None:

@@ -550,15 +550,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gated_ffn_bac
   check_inputs(x, w1, w2, b1, std::nullopt, w3, active, gate, w2_transposed);
   check_backward_inputs(grad_out, x, w1, w3, active, gate, idx, pre, up, row_mask, row_group);
   const Act act = parse_activation(activation);
-  // idx comes from the forward call, but the op is public: check it before anything indexes
-  // with it (a CPU pass over K int64s).
+  // idx comes from the forward call, but the op is public: plan_backward checks it against
+  // active and gate before anything indexes with it.
   const Tensor ic = idx.contiguous();
   const int64_t N = x.size(0), d = x.size(1), F = w1.size(0);
-  const int64_t* ip = ic.data_ptr<int64_t>();
-  for (int64_t k = 0; k < ic.numel(); ++k)
-    TORCH_CHECK(ip[k] >= 0 && ip[k] < F, "gated_ffn_backward: idx must be in [0, F) = [0, ", F, "); got ", ip[k],
-                " at position ", k);
-  const Active a = plan_backward(F, gate, ic, row_mask, row_group);
+  const Active a = plan_backward(F, active, gate, ic, row_mask, row_group);
   Grads g = backward_compact(grad_out, x, w1, w2, b1, w3, active, gate, a, pre, up, act, w2_transposed,
                              dense_grad, need);
   // Full-size gradients: with every column active the compact ones are the full ones, returned

@@ -116,9 +116,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gated_ffn_bac
   c10::cuda::CUDAGuard guard(x.device());
   const Act act = parse_activation(activation);
   const int64_t N = x.size(0), d = x.size(1), F = w1.size(0);
-  // idx's values are not checked here (that would wait for the device): gated_ffn made them.
+  // idx is checked against active and gate on the device (plan_backward): no host synchronisation.
   const Tensor ic = idx.contiguous();
-  const Active a = plan_backward(F, gate, ic, row_mask, row_group);
+  const Active a = plan_backward(F, active, gate, ic, row_mask, row_group);
   Grads g = backward_compact(grad_out, x, w1, w2, b1, w3, active, gate, a, pre, up, act, w2_transposed,
                              dense_grad, need);
   const Tensor empty = x.new_empty({0});

@@ -147,14 +147,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> masked_head_attention_backward_cuda(
   const Sizes s = check_inputs(q, k, v, head_mask, attn_mask, is_causal);
   check_supported(q, s);
   const int64_t B = s.B, H = s.H, Tq = s.Tq, Tk = s.Tk, D = s.D;
-  TORCH_CHECK(grad_out.sizes() == q.sizes(), "masked_head_attention_backward: grad_out must be shaped like q ",
-              q.sizes(), "; got ", grad_out.sizes());
-  TORCH_CHECK(pairs.scalar_type() == at::kLong && pairs.dim() == 1,
-              "masked_head_attention_backward: pairs must be int64 [P]; got ", pairs.scalar_type(), " ",
-              pairs.sizes());
-  TORCH_CHECK(pairs.device() == q.device() && lse.device() == q.device() && grad_out.device() == q.device(),
-              "masked_head_attention_backward: grad_out, pairs and lse must be on q's device (", q.device(), ")");
   c10::cuda::CUDAGuard guard(q.device());
+  check_backward_saved(s, grad_out, q, head_mask, pairs, out, out_c, lse);
   const bool gated = is_gated(head_mask);
   const bool need_qkv = need[0] || need[1] || need[2];
   const bool need_g = need[3] && gated;
@@ -166,10 +160,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> masked_head_attention_backward_cuda(
   const Tensor gate = gated ? gate_bh(head_mask, B, H, dt) : Tensor();
   const Tensor empty = q.new_empty({0});
   const bool work = P > 0 && Tq > 0;
-  TORCH_CHECK(!work || (lse.dim() == 2 && lse.size(0) == P && lse.size(1) == Tq),
-              "masked_head_attention_backward: lse must be [P, Tq] = [", P, ", ", Tq, "]; got ", lse.sizes());
-  TORCH_CHECK(!work || !gated || out_c.numel() == P * Tq * D,
-              "masked_head_attention_backward: out_c must be [P, Tq, D] for a float head_mask; got ", out_c.sizes());
 
   Tensor bi, hi, gO, Oc;  // gO: un-gated grad_out of the running pairs; Oc: their un-gated outputs
   if (work) {

@@ -47,6 +47,9 @@ std::tuple<Tensor, Tensor, Tensor> scatter_rows_backward_cuda(const Tensor& grad
   check_scatter(x, idx, src, gate);
   TORCH_CHECK(grad.sizes() == x.sizes(), "scatter_rows_backward: grad must be shaped like x ", x.sizes(),
               "; got ", grad.sizes());
+  TORCH_CHECK(grad.scalar_type() == x.scalar_type() && grad.device() == x.device(),
+              "scatter_rows_backward: grad must match x's dtype and device (", x.scalar_type(), ", ", x.device(),
+              "); got ", grad.scalar_type(), ", ", grad.device());
   c10::cuda::CUDAGuard guard(x.device());
   const Tensor gr = grad.contiguous(), xc = x.contiguous(), ic = idx.contiguous(), sc = src.contiguous();
   const Tensor gc = gate ? gate->contiguous() : Tensor();

@@ -406,10 +406,22 @@ def forward(x, w1, w2, b1, b2, w3, active, gate, activation, w2_transposed, dens
 def backward(grad_out, x, w1, w2, b1, w3, active, gate, idx, pre, up, row_mask, row_group, activation,
              w2_transposed, dense_grad, need):
     """sparse_ops::gated_ffn_backward on the Triton kernels."""
-    x = x.contiguous()
-    grad_out = grad_out.contiguous()
+    _check(x, w1, w2, b1, None, w3, active, gate, activation, w2_transposed)
     N, d = x.shape
     F_ = w1.shape[0]
+    op = "gated_ffn_backward (triton)"
+    _ref.check_shape(grad_out, (N, d), f"{op}: grad_out", x.dtype)
+    # idx addresses weight rows and the gradients written: it must be the forward's.
+    _ref.check_sorted_subset(idx, _run_mask(F_, active, gate, x.device).reshape(-1, F_).any(0),
+                             f"{op}: idx must be the sorted columns that run for these active and gate "
+                             "(as gated_ffn returned it)")
+    K = idx.shape[0]
+    _ref.check_shape(pre, (N, K), f"{op}: pre", x.dtype)
+    if w3 is not None:
+        _ref.check_shape(up, (N, K), f"{op}: up", x.dtype)
+    _ref.check_shape(row_mask, (N, K) if _ref.ffn_per_row(active, gate) else (0,), f"{op}: row_mask", torch.bool)
+    x = x.contiguous()
+    grad_out = grad_out.contiguous()
     # The forward's plan: row_mask [N, K] for per-row masks (row_group is all -1 here), else [0].
     row_mask = row_mask if row_mask.dim() == 2 else None
     gate_a = gate[..., idx] if gate is not None else None

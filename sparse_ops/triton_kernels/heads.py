@@ -390,8 +390,20 @@ def forward(q, k, v, head_mask, attn_mask, is_causal, scale, dense_grad):
 
 def backward(grad_out, q, k, v, head_mask, attn_mask, pairs, out, out_c, lse, is_causal, scale, dense_grad, need):
     """sparse_ops::masked_head_attention_backward on the Triton kernels: (dq, dk, dv, dhead_mask)."""
+    _check(q, k, v, head_mask, attn_mask, is_causal, scale)
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
+    op = "masked_head_attention_backward (triton)"
+    _ref.check_shape(grad_out, q.shape, f"{op}: grad_out", q.dtype)
+    _ref.check_shape(out, q.shape, f"{op}: out", q.dtype)
+    run = (head_mask != 0).expand(B, H).reshape(-1)
+    _ref.check_sorted_subset(pairs, run, f"{op}: pairs must be the sorted running pairs b * H + h of head_mask "
+                                         "(as the forward returned them)")
+    P = pairs.shape[0]
+    if P and Tq:
+        _ref.check_shape(lse, (P, Tq), f"{op}: lse", _ref.acc_dtype(q.dtype))
+        if head_mask.dtype != torch.bool:
+            _ref.check_shape(out_c, (P, Tq, D), f"{op}: out_c", q.dtype)
     sc = _scale(scale, D)
     gated = head_mask.dtype != torch.bool
     need_q, need_k, need_v = bool(need[0]), bool(need[1]), bool(need[2])

@@ -118,6 +118,8 @@ def scatter(x, idx, src, gate):
 
 def scatter_backward(grad, x, idx, src, gate, need):
     """sparse_ops::scatter_rows_backward on the Triton kernel."""
+    _check(x, idx, src, gate)
+    _ref.check_shape(grad, x.shape, "scatter_rows_backward (triton): grad", x.dtype)
     grad, x, src = grad.contiguous(), x.contiguous(), src.contiguous()
     K, R = idx.shape[0], _row(x)
     need_g = need[2] and gate is not None
