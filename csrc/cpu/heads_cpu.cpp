@@ -203,7 +203,10 @@ template <> bool have_blas<double>() { return dgemm_ != nullptr; }
 // |r| <= ln2 / 2, exp(r) by its degree-6 Taylor polynomial (relative error < 2e-7, about the
 // float epsilon), times 2^n built in the exponent bits; exactly 0 below -87 (and for -inf).
 SPARSE_OPS_INLINE float exp_nonpos(float x) {
-  const float xc = x < -87.0f ? -87.0f : x;
+  // The float -> int conversion below is undefined for NaN and out of range for x > 88: xc is
+  // x clamped to [-87, 0] with NaN mapped to -87 (comparisons with NaN are false), and a NaN x
+  // returns NaN (the scores' NaN propagates, as in the reference).
+  const float xc = x >= -87.0f ? (x <= 0.0f ? x : 0.0f) : -87.0f;
   const float t = xc * 1.44269504f + 12582912.0f;  // round(x / ln2) by the 1.5 * 2^23 trick
   const float n = t - 12582912.0f;
   const float r = (xc - n * 0.693145752f) - n * 1.42860677e-6f;  // ln2 split in two for accuracy
@@ -217,7 +220,8 @@ SPARSE_OPS_INLINE float exp_nonpos(float x) {
   int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
   float scale;
   std::memcpy(&scale, &bits, sizeof(scale));
-  return x < -87.0f ? 0.0f : p * scale;
+  const float e = p * scale;
+  return x < -87.0f ? 0.0f : (x != x ? x : e);
 }
 SPARSE_OPS_INLINE double exp_nonpos(double x) { return std::exp(x); }
 
@@ -429,11 +433,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> masked_head_attention_backward_cpu(
     bool is_causal, std::optional<double> scale, bool dense_grad, std::array<bool, 4> need) {
   const Sizes s = check_inputs(q, k, v, head_mask, attn_mask, is_causal);
   const int64_t B = s.B, H = s.H, Tq = s.Tq, Tk = s.Tk, D = s.D;
-  TORCH_CHECK(grad_out.sizes() == q.sizes(), "masked_head_attention_backward: grad_out must be shaped like q ",
-              q.sizes(), "; got ", grad_out.sizes());
-  TORCH_CHECK(pairs.scalar_type() == at::kLong && pairs.dim() == 1,
-              "masked_head_attention_backward: pairs must be int64 [P]; got ", pairs.scalar_type(), " ",
-              pairs.sizes());
+  check_backward_saved(s, grad_out, q, head_mask, pairs, out, out_c, lse);
   const bool gated = is_gated(head_mask);
   const bool need_qkv = need[0] || need[1] || need[2];
   const bool need_g = need[3] && gated;
