@@ -14,9 +14,17 @@ through the surrogate.
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 from torch import nn
+
+
+def _positive(fn: str, name: str, value) -> None:
+    """value must be a finite number > 0 (NaN and inf fail: `value <= 0` alone lets NaN through)."""
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+    if not ok:
+        raise ValueError(f"{fn}: {name} must be a finite number > 0; got {value!r}")
 
 
 def _straight_through(hard: torch.Tensor, soft: torch.Tensor) -> torch.Tensor:
@@ -26,8 +34,7 @@ def _straight_through(hard: torch.Tensor, soft: torch.Tensor) -> torch.Tensor:
 
 def ste_threshold(scores: torch.Tensor, threshold: float = 0.0, temperature: float = 1.0) -> torch.Tensor:
     """Hard gate 1[scores > threshold] with the gradient of sigmoid((scores - threshold) / temperature)."""
-    if temperature <= 0:
-        raise ValueError(f"ste_threshold: temperature must be > 0; got {temperature}")
+    _positive("ste_threshold", "temperature", temperature)
     soft = torch.sigmoid((scores - threshold) / temperature)
     hard = (scores > threshold).to(scores.dtype)
     return _straight_through(hard, soft)
@@ -38,8 +45,7 @@ def ste_topk(scores: torch.Tensor, k: int, dim: int = -1, temperature: float = 1
     n = scores.shape[dim]
     if not 0 <= k <= n:
         raise ValueError(f"ste_topk: k must be in [0, {n}] (size of dim {dim}); got {k}")
-    if temperature <= 0:
-        raise ValueError(f"ste_topk: temperature must be > 0; got {temperature}")
+    _positive("ste_topk", "temperature", temperature)
     hard = torch.zeros_like(scores)
     if k > 0:
         hard.scatter_(dim, scores.topk(k, dim=dim).indices, 1.0)
@@ -49,8 +55,7 @@ def ste_topk(scores: torch.Tensor, k: int, dim: int = -1, temperature: float = 1
 
 def gumbel_gate(logits: torch.Tensor, tau: float = 1.0, hard: bool = True) -> torch.Tensor:
     """Gumbel-sigmoid sample; hard=True gives exact 0/1 forward with the soft sample's gradient."""
-    if tau <= 0:
-        raise ValueError(f"gumbel_gate: tau must be > 0; got {tau}")
+    _positive("gumbel_gate", "tau", tau)
     u = torch.rand_like(logits).clamp_(1e-6, 1 - 1e-6)
     soft = torch.sigmoid((logits + torch.log(u) - torch.log1p(-u)) / tau)
     if not hard:
@@ -72,6 +77,12 @@ class HardConcrete(nn.Module):
         shape = (shape,) if isinstance(shape, int) else tuple(shape)
         if not 0 < init_open < 1:
             raise ValueError(f"HardConcrete: init_open must be in (0, 1); got {init_open}")
+        _positive("HardConcrete", "beta (the temperature)", beta)
+        if not (math.isfinite(gamma) and math.isfinite(zeta) and gamma < 0 and zeta > 1):
+            raise ValueError(f"HardConcrete: the stretch must have gamma < 0 < 1 < zeta (finite), so that gates "
+                             f"reach exactly 0 and 1; got gamma={gamma}, zeta={zeta}")
+        if any(not isinstance(n, int) or n <= 0 for n in shape):
+            raise ValueError(f"HardConcrete: shape must hold positive ints; got {shape}")
         self.beta, self.gamma, self.zeta = beta, gamma, zeta
         self.log_alpha = nn.Parameter(torch.full(shape, math.log(init_open / (1 - init_open))))
 

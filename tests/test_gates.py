@@ -534,3 +534,39 @@ def test_hard_concrete_train_gate_ffn():
     assert (g == 0).any()
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(gla, rla, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), 0.0, -2.0, "1"])
+def test_gate_temperatures_must_be_finite_positive(value):
+    """NaN passes `value <= 0`; every temperature is checked to be a finite number > 0."""
+    with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
+        ste_threshold(torch.zeros(3), 0.0, value)
+    with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
+        ste_topk(torch.zeros(4), 2, temperature=value)
+    with pytest.raises(ValueError, match="tau must be a finite number > 0"):
+        gumbel_gate(torch.zeros(3), value)
+    with pytest.raises(ValueError, match="beta"):
+        HardConcrete(4, beta=value)
+
+
+@pytest.mark.parametrize("kw", [dict(gamma=0.1), dict(zeta=0.9), dict(gamma=float("nan")), dict(zeta=float("inf"))])
+def test_hard_concrete_stretch_must_reach_0_and_1(kw):
+    with pytest.raises(ValueError, match="gamma < 0 < 1 < zeta"):
+        HardConcrete(4, **kw)
+
+
+@pytest.mark.parametrize("shape", [0, (3, 0), (-1,)])
+def test_hard_concrete_empty_shape(shape):
+    with pytest.raises(ValueError, match="shape must hold positive ints"):
+        HardConcrete(shape)
+
+
+def test_module_constructors_refuse_empty_sizes():
+    from sparse_ops.nn import GatedFFN, SkipLayer, TokenRouter
+    for args in ((16, 0), (0, 32), (16, -4), (16.0, 32)):
+        with pytest.raises(ValueError, match="must be a positive int"):
+            GatedFFN(*args)
+    with pytest.raises(ValueError, match="d_model must be a positive int"):
+        TokenRouter(0, 0.5)
+    with pytest.raises(ValueError, match="d_model must be a positive int"):
+        SkipLayer(torch.nn.Identity(), gate="learned", d_model=0)

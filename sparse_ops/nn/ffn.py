@@ -29,6 +29,9 @@ class GatedFFN(nn.Module):
         super().__init__()
         if gate not in _GATES:
             raise ValueError(f"GatedFFN: gate must be one of {_GATES}; got {gate!r}")
+        for name, n in (("d_model", d_model), ("d_ff", d_ff)):
+            if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
+                raise ValueError(f"GatedFFN: {name} must be a positive int; got {n!r}")
         fk = {"device": device, "dtype": dtype}
         self.d_model, self.d_ff, self.activation, self.glu = d_model, d_ff, activation, glu
         self.dense_grad = dense_grad

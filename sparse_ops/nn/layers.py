@@ -29,6 +29,8 @@ class SkipLayer(nn.Module):
             raise ValueError(f"SkipLayer: gate must be one of {_SKIP_GATES}; got {gate!r}")
         if gate == "learned" and d_model is None:
             raise ValueError("SkipLayer: gate='learned' needs d_model (the width of x)")
+        if d_model is not None and (isinstance(d_model, bool) or not isinstance(d_model, int) or d_model <= 0):
+            raise ValueError(f"SkipLayer: d_model must be a positive int; got {d_model!r}")
         self.layer = layer
         self.gate_kind = gate
         self.dense_grad = dense_grad
@@ -122,6 +124,8 @@ class TokenRouter(nn.Module):
         super().__init__()
         if not 0.0 < capacity <= 1.0:
             raise ValueError(f"TokenRouter: capacity must be in (0, 1]; got {capacity}")
+        if isinstance(d_model, bool) or not isinstance(d_model, int) or d_model <= 0:
+            raise ValueError(f"TokenRouter: d_model must be a positive int; got {d_model!r}")
         self.capacity = capacity
         self.causal = causal
         self.score = nn.Linear(d_model, 1)
