@@ -426,3 +426,77 @@ def test_ddp_without_find_unused_parameters(tmp_path):
     # both ranks end with the same averaged gradient (rank 0 contributed zeros)
     vals = [float(o.split()[-1]) for o, _ in outs]
     assert vals[0] == pytest.approx(vals[1]) and vals[0] > 0
+
+
+class _Bad(nn.Module):
+    def __init__(self, kind):
+        super().__init__()
+        self.kind = kind
+
+    def forward(self, x):
+        return {"batch": lambda: x[:1], "width": lambda: x[..., :2], "dtype": lambda: x.double(),
+                "dict": lambda: {"h": x}, "none": lambda: None}[self.kind]()
+
+
+@pytest.mark.parametrize("kind,err,msg", [
+    ("batch", ValueError, r"turned its input \[5, 4\] into"), ("width", ValueError, "must keep the batch"),
+    ("dtype", TypeError, "returned torch.float64 for a torch.float32"), ("dict", TypeError, "returned dict"),
+    ("none", TypeError, "returned NoneType")])
+@pytest.mark.parametrize("keep", ["some", "all"])
+def test_layer_that_breaks_the_rows_is_named(kind, err, msg, keep):
+    """A layer that changes the batch, the width or the dtype, or returns no tensor, is reported as
+    that, naming its class (not as a scatter_rows argument error)."""
+    x = torch.randn(8, 4)
+    k = torch.tensor([True, False, True, True, False, True, True, False]) if keep == "some" else torch.ones(8, dtype=torch.bool)
+    if keep == "all" and kind == "batch":
+        msg = r"turned its input \[8, 4\] into"
+    with pytest.raises(err, match=msg) as e:
+        sparse_ops.skip_layer(_Bad(kind), x, k)
+    assert str(e.value).startswith("skip_layer: the layer (_Bad) ")
+
+
+def test_public_functions_on_meta_tensors():
+    """Meta inputs give meta outputs of the right shape (no values are read)."""
+    m = dict(device="meta")
+    x = torch.empty(6, 5, 8, **m)
+    layer = nn.Linear(8, 8, device="meta")
+    for keep in (torch.empty(6, dtype=torch.bool, **m), torch.empty(6, 5, dtype=torch.bool, **m)):
+        y = sparse_ops.skip_layer(layer, x, keep)
+        assert y.device.type == "meta" and y.shape == x.shape
+    w1, w2 = torch.empty(12, 8, **m), torch.empty(8, 12, **m)
+    for active in (None, torch.empty(12, dtype=torch.bool, **m), torch.empty(3, dtype=torch.int64, **m)):
+        y = sparse_ops.gated_ffn(x, w1, w2, active)
+        assert y.device.type == "meta" and y.shape == x.shape
+    q = torch.empty(2, 3, 7, 16, **m)
+    y = sparse_ops.masked_head_attention(q, q, q, torch.empty(2, 3, dtype=torch.bool, **m))
+    assert y.device.type == "meta" and y.shape == q.shape
+    idx = torch.empty(4, dtype=torch.int64, **m)
+    assert gather_rows(x, idx).shape == (4, 5, 8)
+    assert scatter_rows(x, idx, torch.empty(4, 5, 8, **m)).shape == x.shape
+
+
+def test_arguments_that_travel_are_named_where_the_shape_cannot_tell():
+    """B == T: a [T, T] causal mask and a [B, T] padding mask look alike. Unnamed, it is an error
+    that says how to name it; named (stay= / travel=), the result is the layer's on the kept rows."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 2, dim_feedforward=32, dropout=0.0, batch_first=True).eval()
+    x = torch.randn(6, 6, 16)
+    keep = torch.tensor([True, False, True, True, False, True])
+    causal = nn.Transformer.generate_square_subsequent_mask(6)
+    with pytest.raises(ValueError, match=r"src_mask \[6, 6\] is ambiguous.*stay=\['src_mask'\]"):
+        sparse_ops.skip_layer(layer, x, keep, src_mask=causal)
+    with torch.no_grad():
+        y = sparse_ops.skip_layer(layer, x, keep, src_mask=causal, stay=["src_mask"])
+        ref = torch.where(keep[:, None, None], layer(x, src_mask=causal), x)
+        torch.testing.assert_close(y, ref)
+        pad = torch.zeros(6, 6, dtype=torch.bool)
+        pad[0, -2:] = True
+        y = sparse_ops.skip_layer(layer, x, keep, src_key_padding_mask=pad, travel=["src_key_padding_mask"])
+        ref = torch.where(keep[:, None, None], layer(x, src_key_padding_mask=pad), x)
+        torch.testing.assert_close(y, ref)
+    with pytest.raises(ValueError, match="not arguments of this call"):
+        sparse_ops.skip_layer(layer, x, keep, travel=["mask"])
+    with pytest.raises(ValueError, match="named in both"):
+        sparse_ops.skip_layer(layer, x, keep, src_mask=causal, travel=["src_mask"], stay=["src_mask"])
+    with pytest.raises(ValueError, match="must have the batch B = 6 first"):
+        sparse_ops.skip_layer(layer, x, keep, src_mask=torch.zeros(5, 6), travel=["src_mask"])

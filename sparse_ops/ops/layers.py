@@ -89,6 +89,23 @@ def _first(out):
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
+def _hidden(layer, out, like):
+    """The hidden state of the layer's output, checked against the rows it was given: y[b]
+    replaces x[b], so it must be a tensor shaped and typed like them (errors name the layer)."""
+    h = _first(out)
+    name = type(layer).__name__
+    if not isinstance(h, torch.Tensor):
+        raise TypeError(f"skip_layer: the layer ({name}) returned {type(out).__name__}; it must return a tensor "
+                        f"shaped like its input, or a tuple whose first element is one (as Hugging Face layers do)")
+    if h.shape != like.shape:
+        raise ValueError(f"skip_layer: the layer ({name}) turned its input {list(like.shape)} into {list(h.shape)}; "
+                         f"a skipped layer must keep the batch, the length and the width (y[b] replaces x[b])")
+    if h.dtype != like.dtype:
+        raise TypeError(f"skip_layer: the layer ({name}) returned {h.dtype} for a {like.dtype} input; y[b] "
+                        f"replaces x[b], so the dtype must stay")
+    return h
+
+
 def _params_needing_grad(layer):
     if isinstance(layer, torch.nn.Module) and torch.is_grad_enabled():
         return [p for p in layer.parameters() if p.requires_grad]
@@ -127,12 +144,51 @@ def _check_keep(x, keep, gate):
             raise ValueError(f"skip_layer: gate must be on x's device ({x.device}); got {gate.device}")
 
 
+def _roles(x, keep, args, kwargs, travel, stay):
+    """For each tensor argument, whether it travels with x (is compacted with the kept rows).
+
+    Named ones (travel / stay: kwarg names or positions in args) as named; the others by shape:
+    per sample, a tensor travels when its first dimension is B; per token, when its first two
+    are [B, T]. Where B == T a square leading block ([B, B, ...]: a [T, T] attention mask or a
+    [B, T] padding mask) cannot be told apart, and an error asks to name it."""
+    travel, stay = set(travel or ()), set(stay or ())
+    both = travel & stay
+    if both:
+        raise ValueError(f"skip_layer: {sorted(map(str, both))} named in both travel= and stay=")
+    known = set(range(len(args))) | set(kwargs)
+    unknown = (travel | stay) - known
+    if unknown:
+        raise ValueError(f"skip_layer: travel= / stay= name {sorted(map(str, unknown))}, which are not arguments "
+                         f"of this call (positions 0..{len(args) - 1} of *args, or keyword names {sorted(kwargs)})")
+    B = x.shape[0]
+    per_token = keep.dim() == 2
+    T = x.shape[1] if x.dim() >= 2 else None
+    roles = {}
+    for key, t in list(enumerate(args)) + list(kwargs.items()):
+        if not isinstance(t, torch.Tensor):
+            continue
+        if key in travel or key in stay:
+            roles[key] = key in travel
+            continue
+        lead = tuple(t.shape[:2]) == tuple(keep.shape) if per_token else (t.dim() >= 1 and t.shape[0] == B)
+        if lead and B == T and t.dim() >= 2 and t.shape[0] == t.shape[1]:
+            name = f"args[{key}]" if isinstance(key, int) else key
+            raise ValueError(f"skip_layer: {name} {list(t.shape)} is ambiguous: its first dimension is the batch "
+                             f"B = {B} and its first two could be [T, T] = [{T}, {T}] (an attention mask). Name it: "
+                             f"travel=[{key!r}] (per sample, compacted with x) or stay=[{key!r}] (shared)")
+        roles[key] = lead
+    return roles
+
+
 def skip_layer(layer, x, keep, *args, gate=None, dense_grad=False, pad_mask_kwarg=None,
-               backend="auto", **kwargs):
+               backend="auto", travel=None, stay=None, **kwargs):
     """Run `layer` only on kept samples (keep [B]) or kept tokens (keep [B, T]); skipped rows pass through.
 
     Per sample: y[b] = layer(x)[b] where kept, x[b] where skipped. Tensor args/kwargs whose first
-    dimension is B are compacted alongside x.
+    dimension is B are compacted alongside x (they travel with it); the others are passed as they
+    are. travel= / stay= (kwarg names, or positions in *args) say it where the shape cannot: a
+    [B, B, ...] tensor when B == T (a [T, T] attention mask and a [B, T] padding mask look alike)
+    is an error until named.
     Per token (Mixture-of-Depths): each sample's kept tokens, in order, form a [B, k, ...] batch
     (uneven counts are padded with zero tokens; the layer is told which are real through the kwarg
     named by `pad_mask_kwarg`, which receives a bool [B, k] mask, True = real token). Tensor
@@ -150,6 +206,10 @@ def skip_layer(layer, x, keep, *args, gate=None, dense_grad=False, pad_mask_kwar
     _check_keep(x, keep, gate)
     if gate is not None and gate.dtype != x.dtype:
         raise TypeError(f"skip_layer: gate must have x's dtype ({x.dtype}); got {gate.dtype}")
+    if x.device.type == "meta":
+        # Shapes only (no values to compact by): the output is shaped like x whatever runs.
+        return _hidden(layer, layer(x, *args, **kwargs), x)
+    roles = _roles(x, keep, args, kwargs, travel, stay)
     run = keep if gate is None else keep & (gate != 0)
     per_token = keep.dim() == 2
     B = x.shape[0]
@@ -173,13 +233,15 @@ def skip_layer(layer, x, keep, *args, gate=None, dense_grad=False, pad_mask_kwar
         n_run = idx.numel()
 
     def compact(t):
-        if not isinstance(t, torch.Tensor):
-            return t
-        if per_token and t.dim() >= 2 and tuple(t.shape[:2]) == tuple(keep.shape):
+        if per_token:
+            if tuple(t.shape[:2]) != tuple(keep.shape):
+                raise ValueError(f"skip_layer: an argument named in travel= must be [B, T, ...] = "
+                                 f"{list(keep.shape)} + ...; got {list(t.shape)}")
             return gather_rows(t.reshape(R, *t.shape[2:]), idx, backend).reshape(B, kmax, *t.shape[2:])
-        if not per_token and t.dim() >= 1 and t.shape[0] == B:
-            return gather_rows(t, idx, backend)
-        return t
+        if t.dim() == 0 or t.shape[0] != B:
+            raise ValueError(f"skip_layer: an argument named in travel= must have the batch B = {B} first; "
+                             f"got {list(t.shape)}")
+        return gather_rows(t, idx, backend)
 
     if n_run == 0:
         y = x
@@ -187,14 +249,14 @@ def skip_layer(layer, x, keep, *args, gate=None, dense_grad=False, pad_mask_kwar
         if params:
             y = _ZeroGrads.apply(x, *params)
     elif not per_token and n_run == B and gate is None:
-        return _first(layer(x, *args, **kwargs))  # nothing skipped: no copies
+        return _hidden(layer, layer(x, *args, **kwargs), x)  # nothing skipped: no copies
     else:
         xc = compact(x)
-        args_c = [compact(a) for a in args]
-        kwargs_c = {k: compact(v) for k, v in kwargs.items()}
+        args_c = [compact(a) if roles.get(i) else a for i, a in enumerate(args)]
+        kwargs_c = {k: compact(v) if roles.get(k) else v for k, v in kwargs.items()}
         if per_token and pad_mask_kwarg is not None:
             kwargs_c[pad_mask_kwarg] = valid
-        out = _first(layer(xc, *args_c, **kwargs_c))
+        out = _hidden(layer, layer(xc, *args_c, **kwargs_c), xc)
         if per_token:
             out = out.reshape(B * kmax, *out.shape[2:])
         g = None
@@ -208,16 +270,17 @@ def skip_layer(layer, x, keep, *args, gate=None, dense_grad=False, pad_mask_kwar
         skipped = torch.nonzero((keep & (gate == 0)).reshape(-1)).reshape(-1)
         if skipped.numel() > 0:
             y = _dense_gate_grad(layer, x, keep, y, gate, skipped, args, kwargs, per_token,
-                                 pad_mask_kwarg, backend)
+                                 pad_mask_kwarg, backend, travel, stay)
     return y
 
 
-def _dense_gate_grad(layer, x, keep, y, gate, skipped, args, kwargs, per_token, pad_mask_kwarg, backend):
+def _dense_gate_grad(layer, x, keep, y, gate, skipped, args, kwargs, per_token, pad_mask_kwarg, backend,
+                     travel, stay):
     """Attach the exact gate gradient of rows a zero gate skipped (computed in backward only)."""
     def run_skipped():
         # The layer's output on the skipped rows as if they had been kept (gate 1).
         full = skip_layer(layer, x.detach(), keep & (gate == 0), *args, gate=None,
-                          pad_mask_kwarg=pad_mask_kwarg, backend=backend, **kwargs)
+                          pad_mask_kwarg=pad_mask_kwarg, backend=backend, travel=travel, stay=stay, **kwargs)
         rows = full.reshape(-1, *full.shape[(2 if per_token else 1):])[skipped]
         xs = x.detach().reshape(-1, *x.shape[(2 if per_token else 1):])[skipped]
         return rows, xs
