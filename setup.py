@@ -87,13 +87,19 @@ def _extensions():
 
     debug = os.environ.get("SPARSE_OPS_DEBUG", "0") == "1"
     opt = ["-O0", "-g"] if debug else ["-O3", "-g0"]
+    # SPARSE_OPS_SANITIZE=1: AddressSanitizer + UndefinedBehaviorSanitizer, every UB report fatal
+    # (.ci/sanitize.sh builds this way and runs the tests under it).
+    sanitize = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined", "-fno-omit-frame-pointer"] \
+        if os.environ.get("SPARSE_OPS_SANITIZE", "0") == "1" else []
+    if sanitize:
+        opt = ["-O1", "-g"] + sanitize
     # No -std and no Py_LIMITED_API here: torch's BuildExtension adds the standard its headers
     # need (C++17 for torch 2.13, C++20 for 2.14) and the limited-API define (py_limited_api).
     # -fno-math-errno -fno-trapping-math (as torch itself builds): lets GCC if-convert and
     # vectorise loops with float compares and selects (the softmax exp in heads_cpu.cpp stayed
     # scalar without them); NaN and inf results are unchanged.
     cxx_flags = opt + ["-fopenmp", "-fno-math-errno", "-fno-trapping-math"]
-    link_flags = ["-fopenmp"]
+    link_flags = ["-fopenmp"] + sanitize
 
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) +
                      glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
