@@ -8,6 +8,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${1:-.venv/bin/python}
+case $PY in /*) ;; */*) PY=$PWD/$PY ;; *) PY=$(command -v "$PY") ;; esac  # absolute: pytest runs elsewhere
 OUT=build/sanitize
 rm -rf "$OUT"
 mkdir -p "$OUT/pkg"
@@ -23,15 +24,15 @@ find "$OUT/pkg" -name "_C*.so" -delete
 cp "$OUT"/lib/sparse_ops/_C*.so "$OUT/pkg/sparse_ops/"
 ASAN_LIB=$(gcc -print-file-name=libasan.so)
 CXX_LIB=$(gcc -print-file-name=libstdc++.so)
-# pytest (not `python -m pytest`, which would put the repo, and its uninstrumented _C, first on
-# sys.path) from the repo root; PYTHONPATH puts the instrumented copy first.
-PYTEST=$("$PY" -c 'import shutil, sys, os; print(os.path.join(os.path.dirname(sys.executable), "pytest"))')
-[ -x "$PYTEST" ] || PYTEST=$(command -v pytest)
+# pytest runs from inside the copy (python puts the working directory first on sys.path, so the
+# instrumented sparse_ops is the one imported, not the repo's), with the repo's config and tests.
+REPO=$PWD
 t=$SECONDS
-env PYTHONPATH="$PWD/$OUT/pkg" LD_PRELOAD="$ASAN_LIB $CXX_LIB" \
+(cd "$OUT/pkg" && env LD_PRELOAD="$ASAN_LIB $CXX_LIB" \
     ASAN_OPTIONS=detect_leaks=0:halt_on_error=1:abort_on_error=1:allocator_may_return_null=1 \
     UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 SPARSE_OPS_EXPECT_SANITIZED=1 \
-    "$PY" "$PYTEST" -q -x -p no:cacheprovider tests/test_sanitized_build.py tests/test_ffn_core.py \
-    tests/test_heads.py tests/test_layers.py tests/test_wrapper_inputs.py tests/test_raw_backward.py \
-    tests/test_registry.py -k "not triton"
+    "$PY" -m pytest -q -x -p no:cacheprovider --rootdir "$REPO" -c "$REPO/pyproject.toml" \
+    "$REPO/tests/test_sanitized_build.py" "$REPO/tests/test_ffn_core.py" "$REPO/tests/test_heads.py" \
+    "$REPO/tests/test_layers.py" "$REPO/tests/test_wrapper_inputs.py" "$REPO/tests/test_raw_backward.py" \
+    "$REPO/tests/test_registry.py" -k "not triton")
 echo "[sanitize] tests under ASan+UBSan in $((SECONDS - t)) s"
