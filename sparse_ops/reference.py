@@ -29,6 +29,15 @@ def ffn_per_row(active, gate) -> bool:
         (gate is not None and gate.dim() == 2)
 
 
+def _holds(ok, msg, on_device, detail=None):
+    """ok (a bool tensor) must be true: on CUDA checked on the device (no host synchronisation),
+    else a ValueError with msg (and "; " + detail(), the offending values, computed only then)."""
+    if on_device:
+        torch._assert_async(ok, msg)
+    elif not bool(ok):
+        raise ValueError(msg if detail is None else f"{msg}; {detail()}")
+
+
 def check_ffn_indices(active, F_: int, op: str = "gated_ffn") -> None:
     """int64 `active` must be 1-D, distinct and in [0, F), on every backend.
 
@@ -43,11 +52,8 @@ def check_ffn_indices(active, F_: int, op: str = "gated_ffn") -> None:
     srt = torch.sort(active).values
     ok = (srt[0] >= 0) & (srt[-1] < F_) & (srt[1:] > srt[:-1]).all()
     msg = f"{op}: active indices must be distinct and in [0, F) = [0, {F_})"
-    if active.is_cuda:
-        torch._assert_async(ok, msg)
-    elif not bool(ok):
-        raise ValueError(f"{msg}; got min {int(srt[0])}, max {int(srt[-1])}, "
-                         f"{int((srt[1:] == srt[:-1]).sum())} repeated")
+    _holds(ok, msg, active.is_cuda, lambda: f"got min {int(srt[0])}, max {int(srt[-1])}, "
+                                            f"{int((srt[1:] == srt[:-1]).sum())} repeated")
 
 
 CAUSAL_HINT = ("The causal mask is top-left aligned, as F.scaled_dot_product_attention's, which with a KV "
@@ -76,19 +82,7 @@ def check_row_indices(idx, rows: int, op: str) -> None:
         counts.index_add_(0, idx.clamp(-1, rows - 1) + 1, torch.ones_like(idx))
         ok = ok & (counts[1:].max() <= 1)
     msg = f"{op}: idx must be in [-1, {rows}) (-1 = padding) and must not repeat a row"
-    if idx.is_cuda:
-        torch._assert_async(ok, msg)
-    elif not bool(ok):
-        raise ValueError(f"{msg}; got min {int(lo)}, max {int(hi)}")
-
-
-def _holds(ok, msg, on_device):
-    """ok (a bool tensor) must be true: on CUDA checked on the device (no host synchronisation),
-    else a ValueError with msg."""
-    if on_device:
-        torch._assert_async(ok, msg)
-    elif not bool(ok):
-        raise ValueError(msg)
+    _holds(ok, msg, idx.is_cuda, lambda: f"got min {int(lo)}, max {int(hi)}")
 
 
 def check_sorted_subset(idx, run, what: str) -> None:

@@ -283,8 +283,9 @@ def decode_gemv(x, w1, w3, w2, b1, idx, row_mask, gate, activation, s_w2n, s_w2d
     N, D = x.shape
     K = idx.shape[0]
     acc_t = _ref.acc_dtype(x.dtype)
-    pre = torch.zeros(N, K, dtype=x.dtype, device=x.device)
-    up = torch.zeros(N, K, dtype=x.dtype, device=x.device) if w3 is not None else x.new_empty(0)
+    # pre and up: every entry is stored by _decode_down's d == 0 programs (zeros where a row's mask is off).
+    pre = torch.empty(N, K, dtype=x.dtype, device=x.device)
+    up = torch.empty(N, K, dtype=x.dtype, device=x.device) if w3 is not None else x.new_empty(0)
     out = torch.zeros(N, D, dtype=acc_t, device=x.device)
     if N == 0 or K == 0:
         return out.to(x.dtype), pre, up
