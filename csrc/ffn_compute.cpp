@@ -67,10 +67,12 @@ static Active group_active(const Active& a, const RowGroup& g) {
 }
 
 // [n_g, k_g] block of a group, placed into rows g.rows and columns g.cols of dst [N, K].
+// One indexed write of the block's elements (dst is zero elsewhere). A zero-filled [n_g, K] row
+// block with the columns copied in, then copied into dst's rows, wrote every element of those
+// rows twice more: at B=32 samples x 128 tokens, d=384, F=1536, per-sample keep 0.5, the zero
+// fills and index_copy_ calls were 22% of the forward's profile.
 static void place_block(Tensor& dst, const RowGroup& g, const Tensor& block) {
-  Tensor rows = at::zeros({block.size(0), dst.size(1)}, dst.options());
-  rows.index_copy_(1, g.cols, block);
-  dst.index_copy_(0, g.rows, rows);
+  dst.index_put_({g.rows.unsqueeze(1), g.cols.unsqueeze(0)}, block);
 }
 
 static Tensor take_block(const Tensor& src, const RowGroup& g) {
