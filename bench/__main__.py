@@ -28,6 +28,7 @@ FAMILIES = {
     "ffn": "bench.ffn",
     "layers": "bench.layers",
     "heads": "bench.heads",
+    "models": "bench.models",
 }
 
 

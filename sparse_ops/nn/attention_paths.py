@@ -34,6 +34,9 @@ class Weights(NamedTuple):
     bias_k: torch.Tensor | None
     bias_v: torch.Tensor | None
     add_zero_attn: bool
+    # Separate q, k, v biases ([E] each, e.g. three nn.Linear layers of a Hugging Face model) when
+    # there is no concatenated in_proj_bias; read in place as the weights are.
+    qkv_biases: tuple | None = None
 
     @classmethod
     def of(cls, mha) -> "Weights":
@@ -48,6 +51,8 @@ class Weights(NamedTuple):
         bias [r*E] (or None); views, never copies."""
         E = self.out_proj_weight.shape[0]
         b = None if self.in_proj_bias is None else self.in_proj_bias[i * E:(i + r) * E]
+        if self.qkv_biases is not None and self.in_proj_weight is None:
+            b = self.qkv_biases[i]
         if self.in_proj_weight is not None:
             return self.in_proj_weight[i * E:(i + r) * E], b
         return (self.q_proj_weight, self.k_proj_weight, self.v_proj_weight)[i], b

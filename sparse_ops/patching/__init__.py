@@ -1,0 +1,152 @@
+"""Model-level API: convert an existing model in place so that its masked heads, FFN columns and
+layers are not computed.
+
+  patch(model, *, heads=True, ffn=True, layers=True, gate=None) -> model   (in place)
+  set_masks(model, *, heads=None, ffn=None, layers=None)
+  clear_masks(model)
+  unpatch(model) -> model            the original module classes, the same weights
+  stats(model) -> {"heads": f, "ffn": f, "layers": f}
+
+Supported today: Hugging Face BERT-family encoders (sparse_ops/patching/bert.py). Not yet:
+torch.nn.TransformerEncoder(Layer), GPT-2, LLaMA-family decoders, learned gates (gate=...).
+
+How masks are read: set_masks stores them on each layer (a LayerState, patching/state.py); a
+[B, ...] mask applies to batches of that size. stats counts, in the converted modules, the unit
+pairs each forward computed: (sample, head) pairs whose projections and attention ran, (token,
+column) pairs of the FFN hidden layer, (sample, layer) pairs; over the pairs a dense forward of
+the same batch computes. Samples a layer skipped count as computing none of its heads or columns.
+(A per-token or per-sample FFN mask on CUDA computes the union of its rows' columns; stats counts
+the rows' own columns.)
+"""
+from __future__ import annotations
+
+import torch
+
+from . import bert
+from .state import ATTR, KINDS, LayerState
+
+_FAMILIES = (("BERT-family encoder", bert),)
+
+
+def _states(model, who):
+    st = getattr(model, "_sparse_patch", None)
+    if st is None:
+        raise TypeError(f"sparse_ops.{who}: this {type(model).__name__} is not patched; call sparse_ops.patch(model) "
+                        f"first")
+    return st
+
+
+def patch(model, *, heads=True, ffn=True, layers=True, gate=None):
+    """Convert `model` in place (weights shared, state_dict unchanged); returns the same object."""
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"sparse_ops.patch: model must be a torch.nn.Module; got {type(model).__name__}")
+    if gate is not None:
+        raise NotImplementedError(f"sparse_ops.patch: gate={gate!r}: learned gates are not available in patch() "
+                                  f"yet; pass gate=None and give masks with set_masks")
+    if getattr(model, "_sparse_patch", None) is not None:
+        return model
+    for family, mod in _FAMILIES:
+        found = mod.layers_of(model)
+        if found:
+            states = mod.convert(model, found, bool(heads), bool(ffn), bool(layers))
+            hook = model.register_forward_pre_hook(_reset_counts)
+            model._sparse_patch = {"family": family, "module": mod, "layers": found, "states": states,
+                                   "hook": hook, "parts": {"heads": bool(heads), "ffn": bool(ffn),
+                                                           "layers": bool(layers)}}
+            return model
+    names = sorted({type(m).__name__ for m in model.modules()})[:12]
+    raise TypeError(f"sparse_ops.patch: could not convert {type(model).__name__}: no supported transformer layers "
+                    f"found (supported: {', '.join(f for f, _ in _FAMILIES)}); its module classes include "
+                    f"{', '.join(names)}")
+
+
+def _reset_counts(model, args):
+    for st in model._sparse_patch["states"]:
+        st.reset_counts()
+
+
+def _check_mask(name, t, allowed, dims_text):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"sparse_ops.set_masks: {name} must be a torch.Tensor or None; got {type(t).__name__}")
+    if (t.dtype, t.dim()) not in allowed:
+        raise ValueError(f"sparse_ops.set_masks: {name} must be {dims_text}; got {t.dtype} of shape {tuple(t.shape)}")
+
+
+def set_masks(model, *, heads=None, ffn=None, layers=None):
+    """Masks for the next forwards (True = computed). heads / ffn: one entry per layer (None = all on);
+    layers: bool [L] or [B, L]. An argument left as None leaves that kind's masks as they are."""
+    p = _states(model, "set_masks")
+    states = p["states"]
+    L = len(states)
+    for kind, given in (("heads", heads), ("ffn", ffn), ("layers", layers)):
+        if given is not None and not p["parts"][kind]:
+            raise ValueError(f"sparse_ops.set_masks: the model was patched with {kind}=False; patch with {kind}=True "
+                             f"to mask {kind}")
+    dev = next((t.device for t in model.parameters()), torch.device("cpu"))
+    if heads is not None:
+        heads = list(heads)
+        if len(heads) != L:
+            raise ValueError(f"sparse_ops.set_masks: heads must have one entry per layer ({L}); got {len(heads)}")
+        for st, m in zip(states, heads):
+            if m is not None:
+                _check_mask(f"heads[{st.index}]", m, {(torch.bool, 1), (torch.bool, 2)}, "bool [H] or [B, H]")
+                if m.shape[-1] != st.num_heads or m.device != dev:
+                    raise ValueError(f"sparse_ops.set_masks: heads[{st.index}] must have H = {st.num_heads} last and "
+                                     f"be on {dev}; got shape {tuple(m.shape)} on {m.device}")
+        for st, m in zip(states, heads):
+            st.heads = m
+    if ffn is not None:
+        ffn = list(ffn)
+        if len(ffn) != L:
+            raise ValueError(f"sparse_ops.set_masks: ffn must have one entry per layer ({L}); got {len(ffn)}")
+        for st, m in zip(states, ffn):
+            if m is None:
+                continue
+            _check_mask(f"ffn[{st.index}]", m, {(torch.bool, 1), (torch.int64, 1), (torch.bool, 2), (torch.bool, 3)},
+                        "bool [F], int64 [K], bool [B, F] or bool [B, T, F]")
+            if m.device != dev:
+                raise ValueError(f"sparse_ops.set_masks: ffn[{st.index}] must be on {dev}; got {m.device}")
+            if m.dtype == torch.bool and m.shape[-1] != st.ffn_size:
+                raise ValueError(f"sparse_ops.set_masks: ffn[{st.index}] must have F = {st.ffn_size} last; got shape "
+                                 f"{tuple(m.shape)}")
+            if m.dtype == torch.int64 and m.numel() and (int(m.min()) < 0 or int(m.max()) >= st.ffn_size
+                                                         or m.unique().numel() != m.numel()):
+                raise ValueError(f"sparse_ops.set_masks: ffn[{st.index}] indices must be distinct and in "
+                                 f"[0, {st.ffn_size})")
+        for st, m in zip(states, ffn):
+            st.ffn = m
+    if layers is not None:
+        _check_mask("layers", layers, {(torch.bool, 1), (torch.bool, 2)}, "bool [L] or [B, L]")
+        if layers.shape[-1] != L or layers.device != dev:
+            raise ValueError(f"sparse_ops.set_masks: layers must have L = {L} last and be on {dev}; got shape "
+                             f"{tuple(layers.shape)} on {layers.device}")
+        for st in states:
+            st.keep = layers[..., st.index]
+
+
+def clear_masks(model):
+    """Every unit on again (the masks set with set_masks are dropped)."""
+    for st in _states(model, "clear_masks")["states"]:
+        st.heads = st.ffn = st.keep = None
+
+
+def unpatch(model):
+    """The original module classes back; the weights were never copied, so they are the same."""
+    p = _states(model, "unpatch")
+    p["module"].restore(p["layers"])
+    p["hook"].remove()
+    del model._sparse_patch
+    return model
+
+
+def stats(model):
+    """Fractions of unit pairs computed in the last forward: {"heads", "ffn", "layers"} (None: none counted)."""
+    out = {}
+    for k in KINDS:
+        done = sum(st.counts[k][0] for st in _states(model, "stats")["states"])
+        total = sum(st.counts[k][1] for st in model._sparse_patch["states"])
+        out[k] = done / total if total else None
+    return out
+
+
+__all__ = ["patch", "set_masks", "clear_masks", "unpatch", "stats", "LayerState", "ATTR"]

