@@ -283,3 +283,95 @@ def test_real_minilm():
     with torch.no_grad():
         out = model(**enc).last_hidden_state
     torch.testing.assert_close(real_rows(out, enc), real_rows(masked_ref, enc), rtol=0, atol=1e-5 * scale)
+
+
+# ----------------------------------------------------------------- torch.nn.TransformerEncoder
+def _encoder_reference(enc, x, heads, ffn, layers, kpm, H, E, bf):
+    """Functional mask-multiply reference of a TransformerEncoder (dropout 0)."""
+    xb = x if bf else x.transpose(0, 1)
+    for i, layer in enumerate(enc.layers):
+        mha = layer.self_attn
+
+        def sa(z, hm=heads[i]):
+            B, T, _ = z.shape
+            qkv = torch.nn.functional.linear(z, mha.in_proj_weight, mha.in_proj_bias)
+            qkv = qkv.view(B, T, 3, H, E // H).permute(2, 0, 3, 1, 4)
+            o = torch.nn.functional.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2],
+                                                                 attn_mask=(~kpm)[:, None, None, :])
+            o = (o * hm[:, :, None, None].to(o.dtype)).transpose(1, 2).reshape(B, T, E)
+            return mha.out_proj(o)
+
+        def ff(z, fm=ffn[i]):
+            return layer.linear2(layer.activation(layer.linear1(z)) * fm[:, None, :].to(z.dtype))
+        if layer.norm_first:
+            z = xb + sa(layer.norm1(xb))
+            y = z + ff(layer.norm2(z))
+        else:
+            z = layer.norm1(xb + sa(xb))
+            y = layer.norm2(z + ff(z))
+        xb = torch.where(layers[:, i, None, None], y, xb)
+    return xb if bf else xb.transpose(0, 1)
+
+
+@pytest.mark.parametrize("norm_first", [False, True])
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_torch_transformer_encoder(norm_first, batch_first):
+    torch.manual_seed(0)
+    E_, H_, FF_, L_, B, T = 32, 4, 64, 3, 4, 6
+    layer = torch.nn.TransformerEncoderLayer(E_, H_, FF_, dropout=0.0, batch_first=batch_first,
+                                             norm_first=norm_first, activation="gelu")
+    enc = torch.nn.TransformerEncoder(layer, L_, enable_nested_tensor=True).eval()
+    nested = enc.use_nested_tensor
+    x = torch.randn(B, T, E_) if batch_first else torch.randn(T, B, E_)
+    kpm = torch.zeros(B, T, dtype=torch.bool)
+    kpm[1, -2:] = True
+    real = (~kpm)[..., None] if batch_first else (~kpm).t()[..., None]
+    with torch.no_grad():
+        ref = enc(x, src_key_padding_mask=kpm)
+    sparse_ops.patch(enc)
+    assert not enc.use_nested_tensor
+    with torch.no_grad():
+        out = enc(x, src_key_padding_mask=kpm)
+    torch.testing.assert_close(out * real, ref * real, rtol=1e-5, atol=1e-5)
+    g = torch.Generator().manual_seed(1)
+    heads = [torch.rand(B, H_, generator=g) < 0.5 for _ in range(L_)]
+    ffn = [torch.rand(B, FF_, generator=g) < 0.5 for _ in range(L_)]
+    layers = torch.tensor([[True, False, True], [False, True, True], [True, True, False], [True, False, False]])
+    sparse_ops.set_masks(enc, heads=heads, ffn=ffn, layers=layers)
+    xg = x.clone().requires_grad_(True)
+    out = enc(xg, src_key_padding_mask=kpm)
+    (out * real).square().sum().backward()
+    grads = {n: p.grad.clone() for n, p in enc.named_parameters()}
+    gx = xg.grad.clone()
+    ran = sum(int(layers[b].sum()) for b in range(B))
+    assert sparse_ops.stats(enc)["layers"] == pytest.approx(ran / (B * L_))
+    sparse_ops.unpatch(enc)
+    assert enc.use_nested_tensor == nested
+    enc.zero_grad()
+    xr = x.clone().requires_grad_(True)
+    ref = _encoder_reference(enc, xr, heads, ffn, layers, kpm, H_, E_, batch_first)
+    (ref * real).square().sum().backward()
+    torch.testing.assert_close(out * real, ref * real, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gx, xr.grad, rtol=1e-4, atol=1e-5)
+    for n, p in enc.named_parameters():
+        torch.testing.assert_close(grads[n], p.grad, rtol=1e-4, atol=1e-5, msg=n)
+
+
+def test_torch_encoder_layer_alone_and_unsupported_activation():
+    layer = torch.nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True).eval()
+    x = torch.randn(3, 5, 16)
+    with torch.no_grad():
+        ref = layer(x)
+    sparse_ops.patch(layer)
+    sparse_ops.set_masks(layer, heads=[torch.tensor([True, False])], ffn=[torch.arange(8)])
+    with torch.no_grad():
+        out = layer(x)
+    assert sparse_ops.stats(layer) == {"heads": 0.5, "ffn": 0.25, "layers": 1.0}
+    sparse_ops.clear_masks(layer)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), ref, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(out, ref)
+    odd = torch.nn.TransformerEncoderLayer(16, 2, 32, activation=torch.tanh, batch_first=True)
+    with pytest.raises(TypeError, match="activation"):
+        sparse_ops.patch(odd)
+    sparse_ops.patch(odd, ffn=False)  # the rest converts

@@ -7,8 +7,9 @@ layers are not computed.
   unpatch(model) -> model            the original module classes, the same weights
   stats(model) -> {"heads": f, "ffn": f, "layers": f}
 
-Supported today: Hugging Face BERT-family encoders (sparse_ops/patching/bert.py). Not yet:
-torch.nn.TransformerEncoder(Layer), GPT-2, LLaMA-family decoders, learned gates (gate=...).
+Supported today: torch.nn.TransformerEncoder / TransformerEncoderLayer (patching/torch_encoder.py)
+and Hugging Face BERT-family encoders (patching/bert.py). Not yet: GPT-2, LLaMA-family decoders,
+learned gates (gate=...).
 
 How masks are read: set_masks stores them on each layer (a LayerState, patching/state.py); a
 [B, ...] mask applies to batches of that size. stats counts, in the converted modules, the unit
@@ -22,10 +23,10 @@ from __future__ import annotations
 
 import torch
 
-from . import bert
+from . import bert, torch_encoder
 from .state import ATTR, KINDS, LayerState
 
-_FAMILIES = (("BERT-family encoder", bert),)
+_FAMILIES = (("torch.nn.TransformerEncoder(Layer)", torch_encoder), ("Hugging Face BERT-family encoder", bert))
 
 
 def _states(model, who):
@@ -133,7 +134,7 @@ def clear_masks(model):
 def unpatch(model):
     """The original module classes back; the weights were never copied, so they are the same."""
     p = _states(model, "unpatch")
-    p["module"].restore(p["layers"])
+    p["module"].restore(p["layers"], model)
     p["hook"].remove()
     del model._sparse_patch
     return model

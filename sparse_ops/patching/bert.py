@@ -182,7 +182,7 @@ def convert(model, layers, heads: bool, ffn: bool, layer_skip: bool):
     return states
 
 
-def restore(layers):
+def restore(layers, model=None):
     for layer in layers:
         for mod in (layer, layer.attention):
             orig = getattr(type(mod), "_sparse_original", None)

@@ -1,0 +1,189 @@
+"""torch.nn.TransformerEncoderLayer, alone or in a torch.nn.TransformerEncoder (norm_first both
+ways, batch_first both ways).
+
+Conversion swaps each layer's class for a subclass whose forward always takes the layer's
+Python path (torch's fused encoder fast path would compute every head and column): the
+attention through sparse_ops.nn.attention_paths on the layer's own nn.MultiheadAttention
+weights (only the running heads' rows of in_proj_weight and columns of out_proj), the FFN
+through gated_ffn on linear1 / linear2 ([d, F], read in place), per-sample layer skipping
+through skip_layer with src_key_padding_mask travelling. A TransformerEncoder's nested-tensor
+conversion is turned off while patched (its layers would receive nested tensors).
+Dropout in training: attention dropout runs (attention_paths); the FFN's hidden dropout (between
+the activation and linear2) cannot run inside gated_ffn, so with dropout > 0 in training an FFN
+mask runs the FFN densely with the mask multiplied in (counted as computed).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..nn.attention_masks import attention_mask_4d
+from ..nn.attention_paths import Weights, forward_per_sample, forward_shared
+from ..ops import gated_ffn, skip_layer
+from .state import ATTR, LayerState
+
+WHO = "sparse_ops.patch"
+
+
+def layers_of(model):
+    if isinstance(model, nn.TransformerEncoderLayer):
+        return [model]
+    for mod in model.modules():
+        if isinstance(mod, nn.TransformerEncoder):
+            return list(mod.layers)
+    return None
+
+
+def activation_of(layer) -> str:
+    act = layer.activation
+    if act is F.relu or isinstance(act, nn.ReLU):
+        return "relu"
+    if act is F.gelu:
+        return "gelu"
+    if isinstance(act, nn.GELU):
+        return "gelu_tanh" if act.approximate == "tanh" else "gelu"
+    if act is F.silu or isinstance(act, nn.SiLU):
+        return "silu"
+    raise TypeError(f"{WHO}: TransformerEncoderLayer activation {act!r} is not one gated_ffn runs (relu, gelu, "
+                    f"gelu tanh, silu); patch with ffn=False")
+
+
+class SparseEncoderLayer:
+    """Mixin over nn.TransformerEncoderLayer."""
+
+    def forward(self, src, src_mask=None, src_key_padding_mask=None, is_causal=False):
+        st: LayerState = getattr(self, ATTR)
+        bf = self.self_attn.batch_first
+        batched = src.dim() == 3
+        x = src if (bf or not batched) else src.transpose(0, 1)  # [B, T, E]
+        if not batched:
+            x = x.unsqueeze(0)
+            if src_key_padding_mask is not None:
+                src_key_padding_mask = src_key_padding_mask.unsqueeze(0)
+        B, T = x.shape[0], x.shape[1]
+        st.batch, st.rows = B, None
+        st.add("heads", 0, B * st.num_heads)
+        st.add("ffn", 0, B * T * st.ffn_size)
+        keep = st.keep
+        body = self._sparse_body
+        if keep is None or (keep.dim() == 0 and bool(keep)) or (keep.dim() == 1 and bool(keep.all())):
+            st.add("layers", B, B)
+            y = body(x, src_mask, src_key_padding_mask, is_causal)
+        elif keep.dim() == 0:
+            st.add("layers", 0, B)
+            y = x
+        else:
+            if keep.shape[0] != B:
+                raise ValueError(f"sparse_ops: layer {st.index}: the layers mask was set for batch {keep.shape[0]}; "
+                                 f"this forward has batch {B}")
+            st.rows = torch.nonzero(keep).flatten()
+            st.add("layers", st.rows.numel(), B)
+            try:
+                y = skip_layer(lambda xb, kpm: body(xb, src_mask, kpm, is_causal), x, keep, src_key_padding_mask,
+                               travel=[0] if src_key_padding_mask is not None else None)
+            finally:
+                st.rows = None
+        if not batched:
+            return y.squeeze(0)
+        return y if bf else y.transpose(0, 1)
+
+    def _sparse_body(self, x, src_mask, kpm, is_causal):
+        if self.norm_first:
+            x = x + self._sparse_sa(self.norm1(x), src_mask, kpm, is_causal)
+            return x + self._sparse_ff(self.norm2(x))
+        x = self.norm1(x + self._sparse_sa(x, src_mask, kpm, is_causal))
+        return self.norm2(x + self._sparse_ff(x))
+
+    def _sparse_sa(self, x, attn_mask, kpm, is_causal):
+        st: LayerState = getattr(self, ATTR)
+        mha = self.self_attn
+        H = mha.num_heads
+        n, T = x.shape[0], x.shape[1]
+        if st.heads is None:
+            st.add("heads", n * H, 0)
+            xi = x if mha.batch_first else x.transpose(0, 1)
+            o = mha(xi, xi, xi, attn_mask=attn_mask, key_padding_mask=kpm, need_weights=False, is_causal=is_causal)[0]
+            return self.dropout1(o if mha.batch_first else o.transpose(0, 1))
+        m = st.heads if st.heads.dim() == 1 else st.rows_of(st.heads, n)
+        mask4, causal = attention_mask_4d(kpm, attn_mask, is_causal, False, n, H, T, T, True, x.dtype, who=WHO)
+        p = mha.dropout if self.training else 0.0
+        w = Weights.of(mha)
+        if m.dim() == 1 or bool((m == m[:1]).all()):
+            row = m.reshape(-1, H)[0] if m.numel() else torch.zeros(H, dtype=torch.bool)
+            heads = torch.nonzero(row).flatten().tolist()
+            o = forward_shared(w, x, x, x, heads, None, mask4, causal, p, "auto")
+            st.add("heads", n * len(heads), 0)
+        else:
+            o = forward_per_sample(w, x, x, x, None, m, mask4, causal, p, "auto")
+            st.add("heads", int(m.sum()), 0)
+        return self.dropout1(o)
+
+    def _sparse_ff(self, x):
+        st: LayerState = getattr(self, ATTR)
+        n, T = x.shape[0], x.shape[1]
+        F_ = st.ffn_size
+        if st.ffn is None:
+            st.add("ffn", n * T * F_, 0)
+            return self._ff_block(x)
+        a = st.ffn
+        per_sample = a.dtype == torch.bool and a.dim() >= 2
+        if per_sample:
+            a = st.rows_of(a, n)
+        if self.training and self.dropout.p > 0:
+            # Hidden dropout cannot run inside gated_ffn: dense, with the mask multiplied in.
+            st.add("ffn", n * T * F_, 0)
+            if a.dtype == torch.int64:
+                a = torch.zeros(F_, dtype=torch.bool, device=x.device).index_fill_(0, a, True)
+            m = a[:, None, :] if a.dim() == 2 else a
+            h = self.dropout(self.activation(self.linear1(x)) * m.to(x.dtype))
+            return self.dropout2(self.linear2(h))
+        if per_sample and a.dim() == 2:
+            computed = T * int(a.sum())
+            a = a[:, None, :].expand(n, T, F_)
+        elif per_sample:
+            computed = int(a.sum())
+        else:
+            computed = n * T * (int(a.sum()) if a.dtype == torch.bool else a.numel())
+        st.add("ffn", computed, 0)
+        l1, l2 = self.linear1, self.linear2
+        return self.dropout2(gated_ffn(x, l1.weight, l2.weight, a, b1=l1.bias, b2=l2.bias, activation=self._sparse_act))
+
+
+_CLASSES: dict = {}
+
+
+def _converted(cls):
+    if cls not in _CLASSES:
+        _CLASSES[cls] = type(f"Sparse{cls.__name__}", (SparseEncoderLayer, cls), {"_sparse_original": cls})
+    return _CLASSES[cls]
+
+
+def convert(model, layers, heads: bool, ffn: bool, layer_skip: bool):
+    states = []
+    for i, layer in enumerate(layers):
+        st = LayerState(i, layer.self_attn.num_heads, layer.linear1.out_features)
+        layer._sparse_act = activation_of(layer) if ffn else None
+        setattr(layer, ATTR, st)
+        layer.__class__ = _converted(type(layer))
+        states.append(st)
+    for mod in model.modules():
+        if isinstance(mod, nn.TransformerEncoder) and getattr(mod, "use_nested_tensor", False):
+            mod._sparse_nested = mod.use_nested_tensor
+            mod.use_nested_tensor = False
+    return states
+
+
+def restore(layers, model=None):
+    for layer in layers:
+        orig = getattr(type(layer), "_sparse_original", None)
+        if orig is not None:
+            layer.__class__ = orig
+        for nm in (ATTR, "_sparse_act"):
+            if nm in layer.__dict__:
+                delattr(layer, nm)
+    if model is not None:
+        for mod in model.modules():
+            if "_sparse_nested" in mod.__dict__:
+                mod.use_nested_tensor = mod._sparse_nested
+                del mod._sparse_nested
