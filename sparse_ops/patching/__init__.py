@@ -8,8 +8,9 @@ layers are not computed.
   stats(model) -> {"heads": f, "ffn": f, "layers": f}
 
 Supported today: torch.nn.TransformerEncoder / TransformerEncoderLayer (patching/torch_encoder.py)
-and Hugging Face BERT-family encoders (patching/bert.py). Not yet: GPT-2, LLaMA-family decoders,
-learned gates (gate=...).
+Hugging Face BERT-family encoders (patching/bert.py) and LLaMA-family decoders (patching/llama.py:
+GQA, rotary, SwiGLU, a KV cache). Not yet: GPT-2, per-sample layer skipping with a KV cache,
+contextual (CATS) FFN masks, learned gates (gate=...).
 
 How masks are read: set_masks stores them on each layer (a LayerState, patching/state.py); a
 [B, ...] mask applies to batches of that size. stats counts, in the converted modules, the unit
@@ -23,10 +24,11 @@ from __future__ import annotations
 
 import torch
 
-from . import bert, torch_encoder
+from . import bert, llama, torch_encoder
 from .state import ATTR, KINDS, LayerState
 
-_FAMILIES = (("torch.nn.TransformerEncoder(Layer)", torch_encoder), ("Hugging Face BERT-family encoder", bert))
+_FAMILIES = (("torch.nn.TransformerEncoder(Layer)", torch_encoder), ("Hugging Face BERT-family encoder", bert),
+             ("Hugging Face LLaMA-family decoder", llama))
 
 
 def _states(model, who):
