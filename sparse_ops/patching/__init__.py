@@ -52,7 +52,11 @@ def patch(model, *, heads=True, ffn=True, layers=True, gate=None):
         found = mod.layers_of(model)
         if found:
             states = mod.convert(model, found, bool(heads), bool(ffn), bool(layers))
-            hook = model.register_forward_pre_hook(_reset_counts)
+            # Counts restart at each forward of the module that runs the layers (the encoder or
+            # decoder stack: also when it is called directly, e.g. model.model(...)).
+            owner = next((m for m in model.modules() for c in m.children()
+                          if isinstance(c, torch.nn.ModuleList) and len(c) and c[0] is found[0]), model)
+            hook = owner.register_forward_pre_hook(_reset_counts(states))
             model._sparse_patch = {"family": family, "module": mod, "layers": found, "states": states,
                                    "hook": hook, "parts": {"heads": bool(heads), "ffn": bool(ffn),
                                                            "layers": bool(layers)}}
@@ -63,9 +67,11 @@ def patch(model, *, heads=True, ffn=True, layers=True, gate=None):
                     f"{', '.join(names)}")
 
 
-def _reset_counts(model, args):
-    for st in model._sparse_patch["states"]:
-        st.reset_counts()
+def _reset_counts(states):
+    def hook(module, args):  # returns None: the forward's arguments stay as they are
+        for st in states:
+            st.reset_counts()
+    return hook
 
 
 def _check_mask(name, t, allowed, dims_text):
