@@ -503,3 +503,76 @@ def test_torch_compile_of_a_patched_model_equals_eager():
         out = torch.compile(model)(**enc).last_hidden_state
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     assert sparse_ops.stats(model)["layers"] == pytest.approx(2 / 3)
+
+
+# ----------------------------------------------------------------- GPT-2 (Conv1D weights [in, out])
+GH, GF, GL = 4, 64, 3
+
+
+def small_gpt2(impl="sdpa"):
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(vocab_size=100, n_embd=32, n_layer=GL, n_head=GH, n_inner=GF, n_positions=64,
+                                  attn_implementation=impl, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return transformers.GPT2LMHeadModel(cfg).eval()
+
+
+def gpt2_hooks(model, heads, ffn, layers):
+    hs = []
+    for i, block in enumerate(model.transformer.h):
+        if heads is not None:
+            def pre_o(mod, args, hm=heads[i]):
+                h = args[0]
+                b, t, e = h.shape
+                m = hm if hm.dim() == 2 else hm.expand(b, -1)
+                return ((h.view(b, t, GH, e // GH) * m[:, None, :, None].to(h.dtype)).view(b, t, e),)
+            hs.append(block.attn.c_proj.register_forward_pre_hook(pre_o))
+        if ffn is not None:
+            def pre_d(mod, args, fm=ffn[i]):
+                m = fm if fm.dim() == 1 else fm[:, None, :]
+                return (args[0] * m.to(args[0].dtype),)
+            hs.append(block.mlp.c_proj.register_forward_pre_hook(pre_d))
+        if layers is not None:
+            def post(mod, args, kwargs, out, keep=layers[..., i]):
+                y = out if torch.is_tensor(out) else out[0]
+                return torch.where(keep.view(-1, 1, 1), y, args[0])
+            hs.append(block.register_forward_hook(post, with_kwargs=True))
+    return hs
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+@pytest.mark.parametrize("per_sample", [True, False])
+def test_gpt2_masks_equal_reference_and_generate(impl, per_sample):
+    model = small_gpt2(impl)
+    B, T = 3, 7
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, 100, (B, T), generator=g)
+    am = torch.ones(B, T, dtype=torch.long)
+    am[1, :2] = 0
+    real = am.bool()[..., None]
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=am).logits
+    shape_h, shape_f = ((B, GH), (B, GF)) if per_sample else ((GH,), (GF,))
+    heads = [torch.rand(*shape_h, generator=g) < 0.6 for _ in range(GL)]
+    ffn = [torch.rand(*shape_f, generator=g) < 0.5 for _ in range(GL)]
+    layers = (torch.tensor([[True, False, True], [False, True, True], [True, True, False]]) if per_sample
+              else torch.tensor([True, False, True]))
+    hs = gpt2_hooks(model, heads, ffn, layers)
+    with torch.no_grad():
+        masked_ref = model(input_ids=ids, attention_mask=am).logits
+    gen_ref = model.generate(ids[:, 2:], max_new_tokens=8, do_sample=False, pad_token_id=0)
+    for h in hs:
+        h.remove()
+    gen_dense = model.generate(ids[:, 2:], max_new_tokens=8, do_sample=False, pad_token_id=0)
+    sparse_ops.patch(model)
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=am).logits
+    torch.testing.assert_close(out * real, ref * real, rtol=1e-5, atol=1e-5)
+    assert torch.equal(model.generate(ids[:, 2:], max_new_tokens=8, do_sample=False, pad_token_id=0), gen_dense)
+    sparse_ops.set_masks(model, heads=heads, ffn=ffn, layers=layers)
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=am).logits
+    torch.testing.assert_close(out * real, masked_ref * real, rtol=1e-5, atol=1e-5)
+    assert torch.equal(model.generate(ids[:, 2:], max_new_tokens=8, do_sample=False, pad_token_id=0), gen_ref)
+    keys = set(model.state_dict())
+    sparse_ops.unpatch(model)
+    assert set(model.state_dict()) == keys

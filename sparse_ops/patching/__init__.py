@@ -9,8 +9,8 @@ layers are not computed.
 
 Supported today: torch.nn.TransformerEncoder / TransformerEncoderLayer (patching/torch_encoder.py)
 Hugging Face BERT-family encoders (patching/bert.py) and LLaMA-family decoders (patching/llama.py:
-GQA, rotary, SwiGLU, a KV cache). Not yet: GPT-2, per-sample layer skipping with a KV cache,
-contextual (CATS) FFN masks, learned gates (gate=...).
+GQA, rotary, SwiGLU, a KV cache) and GPT-2 (patching/gpt2.py: Conv1D weights). Not yet: contextual
+(CATS) FFN masks for decoding, learned gates (gate=...).
 
 How masks are read: set_masks stores them on each layer (a LayerState, patching/state.py); a
 [B, ...] mask applies to batches of that size. stats counts, in the converted modules, the unit
@@ -24,11 +24,11 @@ from __future__ import annotations
 
 import torch
 
-from . import bert, llama, torch_encoder
+from . import bert, gpt2, llama, torch_encoder
 from .state import ATTR, KINDS, LayerState
 
 _FAMILIES = (("torch.nn.TransformerEncoder(Layer)", torch_encoder), ("Hugging Face BERT-family encoder", bert),
-             ("Hugging Face LLaMA-family decoder", llama))
+             ("Hugging Face LLaMA-family decoder", llama), ("Hugging Face GPT-2", gpt2))
 
 
 def _states(model, who):

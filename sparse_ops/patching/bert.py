@@ -23,7 +23,7 @@ import torch
 
 from ..nn.attention_paths import Weights, forward_per_sample, forward_shared
 from ..ops import gated_ffn, skip_layer
-from .state import ATTR, LayerState
+from .state import ATTR, LayerState, activation_name, begin_layer, convert_layer, converted, ffn_active, restore_modules
 
 # config.hidden_act -> gated_ffn's activation name
 ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": None,
@@ -48,12 +48,7 @@ def layers_of(model):
 
 def activation_of(layer) -> str:
     cfg = getattr(layer.attention.self, "config", None)
-    act = getattr(cfg, "hidden_act", None)
-    name = ACTIVATIONS.get(act) if isinstance(act, str) else None
-    if name is None:
-        raise TypeError(f"sparse_ops.patch: {type(layer).__name__}'s FFN activation {act!r} is not one gated_ffn "
-                        f"runs ({sorted(k for k, v in ACTIVATIONS.items() if v)}); patch with ffn=False")
-    return name
+    return activation_name(ACTIVATIONS, getattr(cfg, "hidden_act", None), f"{type(layer).__name__}'s FFN")
 
 
 # ----------------------------------------------------------------- converted modules
@@ -102,10 +97,7 @@ class SparseBertLayer:
     def forward(self, hidden_states, attention_mask=None, *args, **kwargs):
         st: LayerState = getattr(self, ATTR)
         B = hidden_states.shape[0]
-        st.batch, st.rows = B, None
-        # What a dense forward of this batch computes; the attention and the FFN add what they ran.
-        st.add("heads", 0, B * st.num_heads)
-        st.add("ffn", 0, B * (hidden_states.shape[1] if hidden_states.dim() == 3 else 1) * st.ffn_size)
+        begin_layer(st, B, hidden_states.shape[1] if hidden_states.dim() == 3 else 1)
         keep = st.keep
         full = super().forward
         if keep is None or (keep.dim() == 1 and bool(keep.all())):
@@ -138,30 +130,11 @@ class SparseBertLayer:
         if st.ffn is None:
             st.add("ffn", n * T * F_, 0)
             return super().feed_forward_chunk(attention_output)
-        a = st.ffn
-        if a.dtype == torch.bool and a.dim() >= 2:
-            a = st.rows_of(a, n)
-            if a.dim() == 2:  # per sample: the same columns for each of its tokens
-                computed = T * int(a.sum())
-                a = a[:, None, :].expand(n, T, F_)
-            else:
-                computed = int(a.sum())
-        else:
-            computed = n * T * (int(a.sum()) if a.dtype == torch.bool else a.numel())
+        a, computed = ffn_active(st, n, T)
         st.add("ffn", computed, 0)
         i, o = self.intermediate.dense, self.output.dense
         h = gated_ffn(x, i.weight, o.weight, a, b1=i.bias, b2=o.bias, activation=self._sparse_act)
         return self.output.LayerNorm(self.output.dropout(h) + x)
-
-
-_CLASSES: dict = {}
-
-
-def _converted(cls, mixin):
-    key = (cls, mixin)
-    if key not in _CLASSES:
-        _CLASSES[key] = type(f"Sparse{cls.__name__}", (mixin, cls), {"_sparse_original": cls})
-    return _CLASSES[key]
 
 
 def convert(model, layers, heads: bool, ffn: bool, layer_skip: bool):
@@ -172,24 +145,14 @@ def convert(model, layers, heads: bool, ffn: bool, layer_skip: bool):
         st = LayerState(i, sa.num_attention_heads, layer.intermediate.dense.out_features)
         if ffn:
             layer._sparse_act = activation_of(layer)
-        setattr(layer, ATTR, st)
         layer._sparse_parts = (heads, ffn, layer_skip)
-        layer.__class__ = _converted(type(layer), SparseBertLayer)
         # The attention is converted whatever `heads` says: it counts the pairs it runs for stats.
-        layer.attention._sparse_layer_state = st
-        layer.attention.__class__ = _converted(type(layer.attention), SparseBertAttention)
+        convert_layer(layer, st, [(layer.attention, SparseBertAttention)])
+        layer.__class__ = converted(type(layer), SparseBertLayer)
         states.append(st)
     return states
 
 
 def restore(layers, model=None):
     for layer in layers:
-        for mod in (layer, layer.attention):
-            orig = getattr(type(mod), "_sparse_original", None)
-            if orig is not None:
-                mod.__class__ = orig
-        for mod, names in ((layer, (ATTR, "_sparse_act", "_sparse_parts")),
-                           (layer.attention, ("_sparse_layer_state",))):
-            for nm in names:
-                if nm in mod.__dict__:
-                    delattr(mod, nm)
+        restore_modules((layer, layer.attention), names=(ATTR, "_sparse_layer_state", "_sparse_act", "_sparse_parts"))

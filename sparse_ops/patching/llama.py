@@ -27,7 +27,7 @@ import torch
 
 from ..ops import gated_ffn, masked_head_attention, skip_layer
 from ..ops.head_proj import head_in_proj, head_out_proj
-from .state import ATTR, LayerState
+from .state import ATTR, LayerState, activation_name, begin_layer, convert_layer, converted, ffn_active, heads_of, restore_modules
 
 ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu"}
 
@@ -71,9 +71,7 @@ class SparseLlamaAttention:
         if st.heads is None or kwargs.get("output_attentions"):
             st.add("heads", n * H, 0)
             return super().forward(hidden_states, position_embeddings, attention_mask, cache=cache, **kwargs)
-        m = st.heads if st.heads.dim() == 1 else st.rows_of(st.heads, n)
-        union = m if m.dim() == 1 else m.any(0)
-        heads = torch.nonzero(union).flatten()
+        m, heads = heads_of(st, n)
         K = heads.numel()
         D = self.head_dim
         Hkv = self.k_proj.out_features // D
@@ -130,16 +128,7 @@ class SparseLlamaMLP:
         if st.ffn is None:
             st.add("ffn", n * T * F_, 0)
             return super().forward(x)
-        a = st.ffn
-        if a.dtype == torch.bool and a.dim() >= 2:
-            a = st.rows_of(a, n)
-            if a.dim() == 2:
-                computed = T * int(a.sum())
-                a = a[:, None, :].expand(n, T, F_)
-            else:
-                computed = int(a.sum())
-        else:
-            computed = n * T * (int(a.sum()) if a.dtype == torch.bool else a.numel())
+        a, computed = ffn_active(st, n, T)
         st.add("ffn", computed, 0)
         g, u, dn = self.gate_proj, self.up_proj, self.down_proj
         return gated_ffn(x, g.weight, dn.weight, a, b1=g.bias, b2=dn.bias, w3=u.weight, activation=self._sparse_act)
@@ -151,9 +140,7 @@ class SparseLlamaLayer:
         st: LayerState = getattr(self, ATTR)
         cache = cache if cache is not None else kwargs.pop("past_key_values", None)
         B, T = hidden_states.shape[:2]
-        st.batch, st.rows = B, None
-        st.add("heads", 0, B * st.num_heads)
-        st.add("ffn", 0, B * T * st.ffn_size)
+        begin_layer(st, B, T)
         keep = st.keep
         full = super().forward
         call = dict(attention_mask=attention_mask, position_ids=position_ids, cache=cache, use_cache=use_cache,
@@ -214,16 +201,6 @@ class _CachedRows:
         return self.k.index_select(0, self.rows), self.v.index_select(0, self.rows)
 
 
-_CLASSES: dict = {}
-
-
-def _converted(cls, mixin):
-    key = (cls, mixin)
-    if key not in _CLASSES:
-        _CLASSES[key] = type(f"Sparse{cls.__name__}", (mixin, cls), {"_sparse_original": cls})
-    return _CLASSES[key]
-
-
 def convert(model, layers, heads: bool, ffn: bool, layer_skip: bool):
     cfg = getattr(model, "config", None)
     states = []
@@ -232,28 +209,14 @@ def convert(model, layers, heads: bool, ffn: bool, layer_skip: bool):
         H = a.q_proj.out_features // a.head_dim
         st = LayerState(i, H, layer.mlp.gate_proj.out_features)
         if ffn:
-            act = getattr(cfg, "hidden_act", None)
-            name = ACTIVATIONS.get(act) if isinstance(act, str) else None
-            if name is None:
-                raise TypeError(f"sparse_ops.patch: {type(layer.mlp).__name__}'s activation {act!r} is not one "
-                                f"gated_ffn runs ({sorted(ACTIVATIONS)}); patch with ffn=False")
-            layer.mlp._sparse_act = name
-        setattr(layer, ATTR, st)
-        a._sparse_layer_state = st
-        layer.mlp._sparse_layer_state = st
-        layer.__class__ = _converted(type(layer), SparseLlamaLayer)
-        a.__class__ = _converted(type(a), SparseLlamaAttention)
-        layer.mlp.__class__ = _converted(type(layer.mlp), SparseLlamaMLP)
+            layer.mlp._sparse_act = activation_name(ACTIVATIONS, getattr(cfg, "hidden_act", None),
+                                                    type(layer.mlp).__name__)
+        convert_layer(layer, st, [(a, SparseLlamaAttention), (layer.mlp, SparseLlamaMLP)])
+        layer.__class__ = converted(type(layer), SparseLlamaLayer)
         states.append(st)
     return states
 
 
 def restore(layers, model=None):
     for layer in layers:
-        for mod in (layer, layer.self_attn, layer.mlp):
-            orig = getattr(type(mod), "_sparse_original", None)
-            if orig is not None:
-                mod.__class__ = orig
-            for nm in (ATTR, "_sparse_layer_state", "_sparse_act"):
-                if nm in mod.__dict__:
-                    delattr(mod, nm)
+        restore_modules((layer, layer.self_attn, layer.mlp))

@@ -48,3 +48,87 @@ class LayerState:
             return mask.index_select(0, self.rows)
         raise ValueError(f"sparse_ops: layer {self.index}: a per-sample mask of batch {mask.shape[0]} was set, "
                          f"but this forward has batch {self.batch or n}; set_masks again for this batch size")
+
+
+# ----------------------------------------------------------------- shared by the model families
+_CLASSES: dict = {}
+
+
+def converted(cls, mixin):
+    """The Sparse<Name> subclass of a model's module class (one per (class, mixin))."""
+    key = (cls, mixin)
+    if key not in _CLASSES:
+        _CLASSES[key] = type(f"Sparse{cls.__name__}", (mixin, cls), {"_sparse_original": cls})
+    return _CLASSES[key]
+
+
+def convert_module(mod, mixin, st: LayerState, attr: str = "_sparse_layer_state"):
+    setattr(mod, attr, st)
+    mod.__class__ = converted(type(mod), mixin)
+
+
+def restore_modules(mods, names=(ATTR, "_sparse_layer_state", "_sparse_act")):
+    """The original classes back, and the attributes conversion added gone."""
+    for mod in mods:
+        orig = getattr(type(mod), "_sparse_original", None)
+        if orig is not None:
+            mod.__class__ = orig
+        for nm in names:
+            if nm in mod.__dict__:
+                delattr(mod, nm)
+
+
+def begin_layer(st: LayerState, B: int, T: int):
+    """A layer's forward starts: the batch its modules see, and what a dense forward would compute."""
+    st.batch, st.rows = B, None
+    st.add("heads", 0, B * st.num_heads)
+    st.add("ffn", 0, B * T * st.ffn_size)
+
+
+def runs_whole(keep) -> bool | None:
+    """For a layer's keep flag(s): True (every sample runs), False (none does), None (some)."""
+    if keep is None:
+        return True
+    if keep.dim() == 0:
+        return bool(keep)
+    if bool(keep.all()):
+        return True
+    return False if not bool(keep.any()) else None
+
+
+def ffn_active(st: LayerState, n: int, T: int):
+    """The FFN mask of this call as gated_ffn takes it (per-sample [B, F] masks expanded over the
+    T tokens of each of the n samples), and the (token, column) pairs it runs."""
+    a = st.ffn
+    F_ = st.ffn_size
+    if a.dtype == torch.bool and a.dim() >= 2:
+        a = st.rows_of(a, n)
+        if a.dim() == 2:  # per sample: the same columns for each of its tokens
+            return a[:, None, :].expand(n, T, F_), T * int(a.sum())
+        return a, int(a.sum())
+    return a, n * T * (int(a.sum()) if a.dtype == torch.bool else a.numel())
+
+
+def heads_of(st: LayerState, n: int):
+    """(m, heads): this call's head mask ([H], or [n, H] for its samples) and the sorted heads that run
+    for at least one of them."""
+    m = st.heads if st.heads.dim() == 1 else st.rows_of(st.heads, n)
+    union = m if m.dim() == 1 else m.any(0)
+    return m, torch.nonzero(union).flatten()
+
+
+def activation_name(table: dict, act, who: str) -> str:
+    """gated_ffn's name for a model's activation (table: the model's names -> ours), or a clear error."""
+    name = table.get(act) if isinstance(act, str) else None
+    if name is None:
+        raise TypeError(f"sparse_ops.patch: {who}'s activation {act!r} is not one gated_ffn runs "
+                        f"({sorted(k for k, v in table.items() if v)}); patch with ffn=False")
+    return name
+
+
+def convert_layer(layer, st: LayerState, parts):
+    """Give `layer` its state and Sparse<Name> class; parts: [(module inside it, mixin)] converted
+    with the same state (read as `_sparse_layer_state`)."""
+    setattr(layer, ATTR, st)
+    for mod, mixin in parts:
+        convert_module(mod, mixin, st)

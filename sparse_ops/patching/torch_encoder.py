@@ -21,7 +21,7 @@ from torch import nn
 from ..nn.attention_masks import attention_mask_4d
 from ..nn.attention_paths import Weights, forward_per_sample, forward_shared
 from ..ops import gated_ffn, skip_layer
-from .state import ATTR, LayerState
+from .state import ATTR, LayerState, begin_layer, converted, ffn_active, restore_modules
 
 WHO = "sparse_ops.patch"
 
@@ -62,9 +62,7 @@ class SparseEncoderLayer:
             if src_key_padding_mask is not None:
                 src_key_padding_mask = src_key_padding_mask.unsqueeze(0)
         B, T = x.shape[0], x.shape[1]
-        st.batch, st.rows = B, None
-        st.add("heads", 0, B * st.num_heads)
-        st.add("ffn", 0, B * T * st.ffn_size)
+        begin_layer(st, B, T)
         keep = st.keep
         body = self._sparse_body
         if keep is None or (keep.dim() == 0 and bool(keep)) or (keep.dim() == 1 and bool(keep.all())):
@@ -138,25 +136,10 @@ class SparseEncoderLayer:
             m = a[:, None, :] if a.dim() == 2 else a
             h = self.dropout(self.activation(self.linear1(x)) * m.to(x.dtype))
             return self.dropout2(self.linear2(h))
-        if per_sample and a.dim() == 2:
-            computed = T * int(a.sum())
-            a = a[:, None, :].expand(n, T, F_)
-        elif per_sample:
-            computed = int(a.sum())
-        else:
-            computed = n * T * (int(a.sum()) if a.dtype == torch.bool else a.numel())
+        a, computed = ffn_active(st, n, T)
         st.add("ffn", computed, 0)
         l1, l2 = self.linear1, self.linear2
         return self.dropout2(gated_ffn(x, l1.weight, l2.weight, a, b1=l1.bias, b2=l2.bias, activation=self._sparse_act))
-
-
-_CLASSES: dict = {}
-
-
-def _converted(cls):
-    if cls not in _CLASSES:
-        _CLASSES[cls] = type(f"Sparse{cls.__name__}", (SparseEncoderLayer, cls), {"_sparse_original": cls})
-    return _CLASSES[cls]
 
 
 def convert(model, layers, heads: bool, ffn: bool, layer_skip: bool):
@@ -165,7 +148,7 @@ def convert(model, layers, heads: bool, ffn: bool, layer_skip: bool):
         st = LayerState(i, layer.self_attn.num_heads, layer.linear1.out_features)
         layer._sparse_act = activation_of(layer) if ffn else None
         setattr(layer, ATTR, st)
-        layer.__class__ = _converted(type(layer))
+        layer.__class__ = converted(type(layer), SparseEncoderLayer)
         states.append(st)
     for mod in model.modules():
         if isinstance(mod, nn.TransformerEncoder) and getattr(mod, "use_nested_tensor", False):
@@ -175,13 +158,7 @@ def convert(model, layers, heads: bool, ffn: bool, layer_skip: bool):
 
 
 def restore(layers, model=None):
-    for layer in layers:
-        orig = getattr(type(layer), "_sparse_original", None)
-        if orig is not None:
-            layer.__class__ = orig
-        for nm in (ATTR, "_sparse_act"):
-            if nm in layer.__dict__:
-                delattr(layer, nm)
+    restore_modules(layers)
     if model is not None:
         for mod in model.modules():
             if "_sparse_nested" in mod.__dict__:
