@@ -39,23 +39,24 @@ def _per_sample(g, n, units, k):
     return m
 
 
-def _hooks(model, heads, ffn, layers):
-    """The mask-multiply hooks on an unpatched BERT model; returns their handles."""
+def _mask_hooks(layers_, out_proj, down_proj, nh, heads, ffn, layers):
+    """Mask-multiply hooks on an unpatched model's layers: an off head's output zeroed at the input
+    of out_proj(layer), an off FFN column at the input of down_proj(layer), a skipped layer's
+    output replaced by its input. Returns their handles."""
     hs = []
-    nh = model.config.num_attention_heads
-    for i, layer in enumerate(model.encoder.layer):
+    for i, layer in enumerate(layers_):
         if heads is not None:
             def pre_o(mod, args, hm=heads[i]):
                 h = args[0]
                 b, t, e = h.shape
                 m = hm if hm.dim() == 2 else hm.expand(b, -1)
                 return ((h.view(b, t, nh, e // nh) * m[:, None, :, None].to(h.dtype)).view(b, t, e),)
-            hs.append(layer.attention.output.dense.register_forward_pre_hook(pre_o))
+            hs.append(out_proj(layer).register_forward_pre_hook(pre_o))
         if ffn is not None:
             def pre_f(mod, args, fm=ffn[i]):
                 m = fm if fm.dim() == 1 else fm[:, None, :]
                 return (args[0] * m.to(args[0].dtype),)
-            hs.append(layer.output.dense.register_forward_pre_hook(pre_f))
+            hs.append(down_proj(layer).register_forward_pre_hook(pre_f))
         if layers is not None:
             def post(mod, args, out, keep=layers[:, i]):
                 y = out if torch.is_tensor(out) else out[0]
@@ -64,24 +65,16 @@ def _hooks(model, heads, ffn, layers):
     return hs
 
 
+def _hooks(model, heads, ffn, layers):
+    """The mask-multiply hooks on an unpatched BERT model."""
+    return _mask_hooks(model.encoder.layer, lambda l: l.attention.output.dense, lambda l: l.output.dense,
+                       model.config.num_attention_heads, heads, ffn, layers)
+
+
 def _llama_hooks(model, heads, ffn, layers):
     """The mask-multiply hooks on an unpatched LLaMA-family model."""
-    hs = []
-    nh = model.config.num_attention_heads
-    for i, layer in enumerate(model.model.layers):
-        if heads is not None:
-            def pre_o(mod, args, hm=heads[i]):
-                h = args[0]
-                b, t, e = h.shape
-                m = hm if hm.dim() == 2 else hm.expand(b, -1)
-                return ((h.view(b, t, nh, e // nh) * m[:, None, :, None].to(h.dtype)).view(b, t, e),)
-            hs.append(layer.self_attn.o_proj.register_forward_pre_hook(pre_o))
-        if ffn is not None:
-            def pre_d(mod, args, fm=ffn[i]):
-                m = fm if fm.dim() == 1 else fm[:, None, :]
-                return (args[0] * m.to(args[0].dtype),)
-            hs.append(layer.mlp.down_proj.register_forward_pre_hook(pre_d))
-    return hs
+    return _mask_hooks(model.model.layers, lambda l: l.self_attn.o_proj, lambda l: l.mlp.down_proj,
+                       model.config.num_attention_heads, heads, ffn, layers)
 
 
 def _case(name, dense, sparse, enc, ideal, heads=None, ffn=None, layers=None, shape=None, stack=None,

@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import torch
 
-from ..nn.attention_paths import Weights, forward_per_sample, forward_shared
+from ..nn.attention_paths import Weights
 from ..ops import gated_ffn, skip_layer
-from .state import ATTR, LayerState, activation_name, begin_layer, convert_layer, converted, ffn_active, restore_modules
+from .state import (ATTR, LayerState, activation_name, attend_heads, begin_layer, convert_layer, converted,
+                    ffn_call, find_layers, restore_modules)
 
 # config.hidden_act -> gated_ffn's activation name
 ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": None,
@@ -39,11 +40,7 @@ def is_layer(m) -> bool:
 
 def layers_of(model):
     """The encoder's layers (a ModuleList named `layer` whose entries are BERT-family layers), or None."""
-    for mod in model.modules():
-        lst = getattr(mod, "layer", None)
-        if isinstance(lst, torch.nn.ModuleList) and len(lst) > 0 and all(is_layer(m) for m in lst):
-            return list(lst)
-    return None
+    return find_layers(model, "layer", is_layer)
 
 
 def activation_of(layer) -> str:
@@ -67,26 +64,15 @@ class SparseBertAttention:
             st.add("heads", n * H, 0)
             return full(hidden_states, attention_mask, encoder_hidden_states, encoder_attention_mask, cache=cache,
                         **kwargs)
-        m = st.heads if st.heads.dim() == 1 else st.rows_of(st.heads, n)
-        on = m
         w = Weights(H, sa.attention_head_size, None, sa.query.weight, sa.key.weight, sa.value.weight, None,
                     self.output.dense.weight, self.output.dense.bias, None, None, False,
                     (sa.query.bias, sa.key.bias, sa.value.bias))
-        p = sa.dropout.p if self.training else 0.0
         mask4 = attention_mask
         if mask4 is not None and mask4.dim() != 4:
             raise ValueError(f"sparse_ops: {type(self).__name__} got an attention mask of shape "
                              f"{tuple(mask4.shape)}; expected [B or 1, 1 or H, Tq, Tk]")
         causal = bool(getattr(sa, "is_causal", False)) and mask4 is None
-        x = hidden_states
-        if m.dim() == 1 or bool((m == m[:1]).all()):
-            row = m.reshape(-1, H)[0] if m.numel() else torch.zeros(H, dtype=torch.bool)
-            heads = torch.nonzero(row).flatten().tolist()
-            o = forward_shared(w, x, x, x, heads, None, mask4, causal, p, "auto")
-            st.add("heads", n * len(heads), 0)
-        else:
-            o = forward_per_sample(w, x, x, x, None, on, mask4, causal, p, "auto")
-            st.add("heads", int(on.sum()), 0)
+        o = attend_heads(st, w, hidden_states, mask4, causal, sa.dropout.p if self.training else 0.0)
         out = self.output
         return out.LayerNorm(out.dropout(o) + hidden_states), None
 
@@ -125,13 +111,9 @@ class SparseBertLayer:
     def feed_forward_chunk(self, attention_output):
         st: LayerState = getattr(self, ATTR)
         x = attention_output
-        n, T = x.shape[0], x.shape[1]
-        F_ = st.ffn_size
-        if st.ffn is None:
-            st.add("ffn", n * T * F_, 0)
+        a = ffn_call(st, x.shape[0], x.shape[1])
+        if a is None:
             return super().feed_forward_chunk(attention_output)
-        a, computed = ffn_active(st, n, T)
-        st.add("ffn", computed, 0)
         i, o = self.intermediate.dense, self.output.dense
         h = gated_ffn(x, i.weight, o.weight, a, b1=i.bias, b2=o.bias, activation=self._sparse_act)
         return self.output.LayerNorm(self.output.dropout(h) + x)
@@ -145,7 +127,6 @@ def convert(model, layers, heads: bool, ffn: bool, layer_skip: bool):
         st = LayerState(i, sa.num_attention_heads, layer.intermediate.dense.out_features)
         if ffn:
             layer._sparse_act = activation_of(layer)
-        layer._sparse_parts = (heads, ffn, layer_skip)
         # The attention is converted whatever `heads` says: it counts the pairs it runs for stats.
         convert_layer(layer, st, [(layer.attention, SparseBertAttention)])
         layer.__class__ = converted(type(layer), SparseBertLayer)
@@ -155,4 +136,4 @@ def convert(model, layers, heads: bool, ffn: bool, layer_skip: bool):
 
 def restore(layers, model=None):
     for layer in layers:
-        restore_modules((layer, layer.attention), names=(ATTR, "_sparse_layer_state", "_sparse_act", "_sparse_parts"))
+        restore_modules((layer, layer.attention), names=(ATTR, "_sparse_layer_state", "_sparse_act"))

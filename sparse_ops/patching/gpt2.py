@@ -20,7 +20,8 @@ import torch.nn.functional as F
 
 from ..ops import gated_ffn, masked_head_attention, skip_layer
 from .llama import _CachedRows, _causal
-from .state import ATTR, LayerState, activation_name, begin_layer, convert_layer, converted, ffn_active, heads_of, restore_modules
+from .state import (ATTR, LayerState, activation_name, begin_layer, convert_layer, converted, ffn_call,
+                    find_layers, heads_of, restore_modules)
 
 ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu": "relu",
                "silu": "silu", "swish": "silu"}
@@ -33,11 +34,7 @@ def is_layer(m) -> bool:
 
 
 def layers_of(model):
-    for mod in model.modules():
-        lst = getattr(mod, "h", None)
-        if isinstance(lst, torch.nn.ModuleList) and len(lst) > 0 and all(is_layer(m) for m in lst):
-            return list(lst)
-    return None
+    return find_layers(model, "h", is_layer)
 
 
 def _kv_columns(E, D, kv_heads, device):
@@ -108,13 +105,9 @@ class SparseGPT2MLP:
     def forward(self, hidden_states):
         st: LayerState = self._sparse_layer_state
         x = hidden_states
-        n, T = x.shape[0], x.shape[1]
-        F_ = st.ffn_size
-        if st.ffn is None:
-            st.add("ffn", n * T * F_, 0)
+        a = ffn_call(st, x.shape[0], x.shape[1])
+        if a is None:
             return super().forward(x)
-        a, computed = ffn_active(st, n, T)
-        st.add("ffn", computed, 0)
         fc, pr = self.c_fc, self.c_proj
         h = gated_ffn(x, fc.weight.t(), pr.weight, a, b1=fc.bias, b2=pr.bias, activation=self._sparse_act,
                       w2_transposed=True)

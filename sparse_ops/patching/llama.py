@@ -27,7 +27,8 @@ import torch
 
 from ..ops import gated_ffn, masked_head_attention, skip_layer
 from ..ops.head_proj import head_in_proj, head_out_proj
-from .state import ATTR, LayerState, activation_name, begin_layer, convert_layer, converted, ffn_active, heads_of, restore_modules
+from .state import (ATTR, LayerState, activation_name, begin_layer, convert_layer, converted, ffn_call,
+                    find_layers, heads_of, restore_modules)
 
 ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu"}
 
@@ -40,11 +41,7 @@ def is_layer(m) -> bool:
 
 
 def layers_of(model):
-    for mod in model.modules():
-        lst = getattr(mod, "layers", None)
-        if isinstance(lst, torch.nn.ModuleList) and len(lst) > 0 and all(is_layer(m) for m in lst):
-            return list(lst)
-    return None
+    return find_layers(model, "layers", is_layer)
 
 
 def _rotary(q, k, cos, sin):
@@ -123,13 +120,9 @@ class SparseLlamaAttention:
 class SparseLlamaMLP:
     def forward(self, x):
         st: LayerState = self._sparse_layer_state
-        n, T = x.shape[0], x.shape[1]
-        F_ = st.ffn_size
-        if st.ffn is None:
-            st.add("ffn", n * T * F_, 0)
+        a = ffn_call(st, x.shape[0], x.shape[1])
+        if a is None:
             return super().forward(x)
-        a, computed = ffn_active(st, n, T)
-        st.add("ffn", computed, 0)
         g, u, dn = self.gate_proj, self.up_proj, self.down_proj
         return gated_ffn(x, g.weight, dn.weight, a, b1=g.bias, b2=dn.bias, w3=u.weight, activation=self._sparse_act)
 

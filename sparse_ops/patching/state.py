@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..nn.attention_paths import forward_sparse
+
 ATTR = "_sparse_state"
 KINDS = ("heads", "ffn", "layers")
 
@@ -107,6 +109,36 @@ def ffn_active(st: LayerState, n: int, T: int):
             return a[:, None, :].expand(n, T, F_), T * int(a.sum())
         return a, int(a.sum())
     return a, n * T * (int(a.sum()) if a.dtype == torch.bool else a.numel())
+
+
+def ffn_call(st: LayerState, n: int, T: int):
+    """The FFN mask of this call for gated_ffn, or None when no mask is set (the module's own dense
+    FFN runs); either way the (token, column) pairs it runs are counted."""
+    if st.ffn is None:
+        st.add("ffn", n * T * st.ffn_size, 0)
+        return None
+    a, computed = ffn_active(st, n, T)
+    st.add("ffn", computed, 0)
+    return a
+
+
+def find_layers(model, attr: str, is_layer):
+    """The entries of the first ModuleList named `attr` whose entries all pass is_layer, or None."""
+    for mod in model.modules():
+        lst = getattr(mod, attr, None)
+        if isinstance(lst, torch.nn.ModuleList) and len(lst) > 0 and all(is_layer(m) for m in lst):
+            return list(lst)
+    return None
+
+
+def attend_heads(st: LayerState, w, x, mask4, causal: bool, dropout_p: float):
+    """Self-attention of x [n, T, E] over this call's running heads (nn.attention_paths.forward_sparse:
+    shared heads in one pass, per-sample masks in groups), out-projection included; counts the
+    (sample, head) pairs it runs."""
+    n = x.shape[0]
+    m = st.heads if st.heads.dim() == 1 else st.rows_of(st.heads, n)
+    st.add("heads", n * int(m.sum()) if m.dim() == 1 else int(m.sum()), 0)
+    return forward_sparse(w, x, x, x, m, m, mask4, causal, dropout_p, "auto")
 
 
 def heads_of(st: LayerState, n: int):

@@ -19,9 +19,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..nn.attention_masks import attention_mask_4d
-from ..nn.attention_paths import Weights, forward_per_sample, forward_shared
+from ..nn.attention_paths import Weights
 from ..ops import gated_ffn, skip_layer
-from .state import ATTR, LayerState, begin_layer, converted, ffn_active, restore_modules
+from .state import ATTR, LayerState, attend_heads, begin_layer, converted, ffn_active, restore_modules
 
 WHO = "sparse_ops.patch"
 
@@ -103,18 +103,8 @@ class SparseEncoderLayer:
             xi = x if mha.batch_first else x.transpose(0, 1)
             o = mha(xi, xi, xi, attn_mask=attn_mask, key_padding_mask=kpm, need_weights=False, is_causal=is_causal)[0]
             return self.dropout1(o if mha.batch_first else o.transpose(0, 1))
-        m = st.heads if st.heads.dim() == 1 else st.rows_of(st.heads, n)
         mask4, causal = attention_mask_4d(kpm, attn_mask, is_causal, False, n, H, T, T, True, x.dtype, who=WHO)
-        p = mha.dropout if self.training else 0.0
-        w = Weights.of(mha)
-        if m.dim() == 1 or bool((m == m[:1]).all()):
-            row = m.reshape(-1, H)[0] if m.numel() else torch.zeros(H, dtype=torch.bool)
-            heads = torch.nonzero(row).flatten().tolist()
-            o = forward_shared(w, x, x, x, heads, None, mask4, causal, p, "auto")
-            st.add("heads", n * len(heads), 0)
-        else:
-            o = forward_per_sample(w, x, x, x, None, m, mask4, causal, p, "auto")
-            st.add("heads", int(m.sum()), 0)
+        o = attend_heads(st, Weights.of(mha), x, mask4, causal, mha.dropout if self.training else 0.0)
         return self.dropout1(o)
 
     def _sparse_ff(self, x):
