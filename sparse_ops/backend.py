@@ -44,6 +44,7 @@ def set_backend(name: str) -> None:
         raise ValueError(f"set_backend: name must be one of {BACKENDS}; got {name!r}")
     _current = name
     _chosen.clear()
+    _prefill()
 
 
 def get_backend() -> str:
@@ -164,6 +165,31 @@ def _choose(op: str, dt: str, name: str) -> str:
     return "torch"
 
 
+def _prefill() -> None:
+    """Fill _chosen for the registered ops on this machine's device types, for the current
+    default and every explicit backend that is usable. Under torch.compile a miss would be traced
+    as a dict insertion and guarded as `key not in _chosen`, which the next call fails: one
+    recompile per op at the first compiled call. Picks that would warn (auto falling back to
+    the reference) are left to the first call, so the warning comes from the call, not the import;
+    so is an explicit 'triton' on CPU (it would import triton at `import sparse_ops`)."""
+    types = ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",)
+    for op in _REGISTERED_OPS:
+        for dt in types:
+            for name in BACKENDS:
+                if name == "auto":
+                    if _current != "auto":
+                        continue
+                    order = {"cpu": ("cpp",), "cuda": ("cuda", "triton")}[dt]
+                    picked = next((c for c in order if _available(c, op, dt)[0]), None)
+                elif name == "triton" and dt == "cpu":
+                    continue
+                else:
+                    picked = name if _available(name, op, dt)[0] else None
+                if picked is not None:
+                    _chosen[(op, dt, name)] = picked
+
+
 for _op in _REGISTERED_OPS:
     for _key in ("CPU", "CUDA"):
         has_kernel(_op, _key)
+_prefill()

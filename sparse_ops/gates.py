@@ -22,7 +22,8 @@ from torch import nn
 
 def _positive(fn: str, name: str, value) -> None:
     """value must be a finite number > 0 (NaN and inf fail: `value <= 0` alone lets NaN through)."""
-    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+    # 0 < value < inf rather than math.isfinite, which torch.compile cannot trace.
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and 0 < value < math.inf
     if not ok:
         raise ValueError(f"{fn}: {name} must be a finite number > 0; got {value!r}")
 

@@ -189,7 +189,9 @@ class SparseMultiheadAttention(nn.MultiheadAttention):
         query_bf = q_in if is_batched else q_in[0]
         m = head_mask_of(head_mask, self.learned_gate(query_bf), self.num_heads, B, is_batched, query_bf.device,
                          query_bf.dtype)
-        all_on = m is None or (m.dtype == torch.bool and bool(m.all()))
+        # (While torch.compile traces, a bool mask that happens to be all on takes the sparse path,
+        # which gives the same result: no guard on the mask's values.)
+        all_on = m is None or (m.dtype == torch.bool and not torch.compiler.is_compiling() and bool(m.all()))
         if all_on and (need_weights or self.bias_k is not None or self.add_zero_attn):
             # All heads on and a case the sparse code does not take: nn.MultiheadAttention itself.
             return super().forward(query, key, value, key_padding_mask=key_padding_mask,

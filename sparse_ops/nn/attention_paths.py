@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from ..ops.head_proj import grouped_head_in_proj, grouped_head_out_proj, head_in_proj, head_out_proj
 from ..ops.heads import masked_head_attention
+from ..ops.plans import kept_positions, kept_positions_per_row
 
 
 class Weights(NamedTuple):
@@ -126,9 +127,10 @@ def forward_sparse(w: Weights, q_in, k_in, v_in, m, on, mask4, causal, dropout_p
     F.scaled_dot_product_attention forward + backward (tiny shapes, 1 thread: the op's autograd
     wrapper and checks).
     """
-    B = q_in.shape[0]
     H = w.num_heads
     gated = m.is_floating_point()
+    if torch.compiler.is_compiling():
+        return _forward_traced(w, q_in, k_in, v_in, m, on, mask4, causal, dropout_p, backend)
     if m.dim() == 1 or bool((on == on[:1]).all()):
         row = on.reshape(-1, H)[0].tolist() if on.numel() else [False] * H  # (an empty batch runs nothing)
         heads = [h for h, o in enumerate(row) if o]
@@ -137,25 +139,65 @@ def forward_sparse(w: Weights, q_in, k_in, v_in, m, on, mask4, causal, dropout_p
     return forward_per_sample(w, q_in, k_in, v_in, m if gated else None, on, mask4, causal, dropout_p, backend)
 
 
-def forward_shared(w: Weights, q_in, k_in, v_in, heads, gate, mask4, causal, dropout_p, backend):
-    """The heads in `heads` (sorted; None: all H) for every sample; gate: None, [K] or [B, K]."""
+def _forward_traced(w: Weights, q_in, k_in, v_in, m, on, mask4, causal, dropout_p, backend):
+    """forward_sparse while torch.compile traces: no Python decision on the mask's values, so one
+    graph serves every mask. The active heads come from sparse_ops.ops.plans (their count a
+    symbol of the graph). Shared [H]: forward_shared on them. Per-sample [B, H]: one group of
+    every sample, padded to the largest active count k (a padded slot projects head 0 and has
+    gate 0, so the attention skips it and it adds exact zeros): B*k heads' projections run where
+    eager's groups run sum(K_b), equal for a shared or top-k mask."""
+    if m.dim() == 1:
+        heads = kept_positions(on)
+        gate = m.index_select(0, heads) if m.is_floating_point() else None
+        return forward_shared(w, q_in, k_in, v_in, heads, gate, mask4, causal, dropout_p, backend)
     H, D = w.num_heads, w.head_dim
-    dev = q_in.device
     B, L = q_in.shape[:2]
-    every = heads is None or len(heads) == H  # every head on (a float gate without zeros): nothing to gather
-    K = H if every else len(heads)
-    h_t = None if every else torch.tensor(heads, dtype=torch.long, device=dev)
+    dev = q_in.device
+    idx, valid = kept_positions_per_row(on)
+    k = valid.shape[1]
+    heads = torch.where(valid, idx.view(B, k) - torch.arange(B, device=dev)[:, None] * H, 0)  # [B, k]
+    ones = torch.ones((), dtype=q_in.dtype, device=dev)
+    gate = torch.where(valid, m.gather(1, heads) if m.is_floating_point() else ones, 0)  # pads: 0
     comps = [None, None, None]
     for x, i, r in w.proj_groups(q_in, k_in, v_in):
         W, bias = w.in_proj(i, r)
-        blocks = None if every else torch.tensor([c * H + h for c in range(r) for h in heads], dtype=torch.long,
-                                                 device=dev)
+        blocks = (torch.arange(r, device=dev)[None, :, None] * H + heads[:, None, :]).reshape(-1)
+        (y,) = grouped_head_in_proj(x, W, bias, [None], [blocks], D)
+        for j, c in enumerate(y.view(B, x.shape[1], r, k, D).unbind(2)):
+            comps[i + j] = c.transpose(1, 2)  # [B, k, T, D]
+    am = mask4
+    if am is not None and am.shape[1] > 1:  # a per-head mask: each sample's own heads
+        am = am.expand(B, *am.shape[1:])[torch.arange(B, device=dev)[:, None], heads]
+    o = attend(comps[0], comps[1], comps[2], gate, am, causal, dropout_p, backend)
+    o = o.transpose(1, 2).reshape(B, L, k * D)
+    return grouped_head_out_proj([o], w.out_proj_weight, w.out_proj_bias, [None], [heads.reshape(-1)], B, D)
+
+
+def forward_shared(w: Weights, q_in, k_in, v_in, heads, gate, mask4, causal, dropout_p, backend):
+    """The heads in `heads` (sorted; None: all H; a list, or an int64 tensor while traced) for
+    every sample; gate: None, [K] or [B, K]."""
+    H, D = w.num_heads, w.head_dim
+    dev = q_in.device
+    B, L = q_in.shape[:2]
+    traced = isinstance(heads, torch.Tensor)
+    every = heads is None or (not traced and len(heads) == H)  # every head on: nothing to gather
+    K = H if every else heads.shape[0] if traced else len(heads)
+    h_t = None if every else heads if traced else torch.tensor(heads, dtype=torch.long, device=dev)
+    comps = [None, None, None]
+    for x, i, r in w.proj_groups(q_in, k_in, v_in):
+        W, bias = w.in_proj(i, r)
+        if every:
+            blocks = None
+        elif traced:
+            blocks = (torch.arange(r, device=dev)[:, None] * H + heads[None, :]).reshape(-1)
+        else:
+            blocks = torch.tensor([c * H + h for c in range(r) for h in heads], dtype=torch.long, device=dev)
         y = head_in_proj(x, W, bias, blocks, D)
         # unbind, not r selects: its backward is one stack, where each select's backward would
         # zero-fill and copy a whole y-sized gradient.
         comps[i:i + r] = [c.transpose(1, 2) for c in y.view(B, x.shape[1], r, K, D).unbind(2)]  # [B, K, T, D]
     q, k, v = comps
-    if K == 0:
+    if not traced and K == 0:
         # Nothing runs; the empty weight slices (and the empty gate) stay in the graph so that the
         # parameters (and a gate that requires grad) get zero gradients, not None.
         o = q + (k.sum() + v.sum())

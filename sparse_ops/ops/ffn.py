@@ -66,7 +66,7 @@ def _normalize(x, w1, active, gate):
     _check_tensor(x, "x")
     _check_tensor(w1, "w1")
     if x.dim() < 1:
-        raise ValueError(f"gated_ffn: x must be [..., d]; got a 0-d tensor")
+        raise ValueError("gated_ffn: x must be [..., d]; got a 0-d tensor")
     if w1.dim() != 2:
         raise ValueError(f"gated_ffn: w1 must be 2-D [F, d]; got shape {tuple(w1.shape)}")
     lead = tuple(x.shape[:-1])

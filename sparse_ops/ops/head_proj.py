@@ -58,8 +58,10 @@ def _check_bounds(op, names, idxs, bound):
     per tensor (per tensor, cProfile put it at ~20 us each on the loaded VM, 20 of them in a
     5-group SparseMultiheadAttention forward); the tensor at fault is looked for only when there
     is one. Skipped while torch.compile traces (data-dependent)."""
+    if torch.compiler.is_compiling():
+        return
     named = [(n, t) for n, t in zip(names, idxs) if t.numel()]
-    if not named or torch.compiler.is_compiling():
+    if not named:
         return
     idxs = [t for _, t in named]
     lo, hi = (int(v) for v in torch.aminmax(idxs[0] if len(idxs) == 1 else torch.cat(idxs)))
@@ -141,8 +143,46 @@ def head_out_proj(o: Tensor, weight: Tensor, bias: Tensor | None, heads: Tensor 
     if o.shape[-1] != heads.numel() * head_dim:
         raise ValueError(f"{op}: o's last dimension must be len(heads) * head_dim = {heads.numel() * head_dim}; "
                          f"got {o.shape[-1]}")
+    if torch.compiler.is_compiling():
+        return _TracedHeadOutProj.apply(o, weight, bias, heads, head_dim)
     W = weight.view(E, H, head_dim).index_select(1, heads).reshape(E, -1)
     return F.linear(o, W, bias)
+
+
+class _TracedHeadOutProj(torch.autograd.Function):
+    """head_out_proj with its backward written out, for torch.compile: with the head count a
+    symbol of the graph (sparse_ops.ops.plans), autograd's own mm backward asks whether the
+    gathered [E, K*D] weight's row stride is 1, a guard on that symbol that fails the trace.
+    Here the weight gradient is one mm into the chosen columns (index_add), the input gradient
+    one mm by the gathered weight."""
+
+    @staticmethod
+    def forward(ctx, o, weight, bias, heads, head_dim):
+        E, HD = weight.shape
+        # Sizes spelled out, never -1: inferring one from a symbolic element count asserts that it is
+        # not 0, and no active head (K = 0) is a valid mask.
+        W = weight.view(E, HD // head_dim, head_dim).index_select(1, heads).reshape(E, heads.shape[0] * head_dim)
+        ctx.save_for_backward(o, W, heads)
+        ctx.head_dim, ctx.has_bias = head_dim, bias is not None
+        ctx.shape = weight.shape
+        return F.linear(o, W, bias)
+
+    @staticmethod
+    def backward(ctx, g):
+        o, W, heads = ctx.saved_tensors
+        E, HD = ctx.shape
+        D = ctx.head_dim
+        K = heads.shape[0]
+        g2 = g.reshape(-1, E)
+        go = gw = gb = None
+        if ctx.needs_input_grad[0]:
+            go = (g2 @ W).view(o.shape)
+        if ctx.needs_input_grad[1]:
+            gsel = (g2.t() @ o.reshape(g2.shape[0], K * D)).view(E, K, D)
+            gw = torch.zeros((E, HD // D, D), dtype=W.dtype, device=W.device).index_add_(1, heads, gsel).view(E, HD)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            gb = g2.sum(0)
+        return go, gw, gb, None, None
 
 
 # ----------------------------------------------------------------- per-sample groups
@@ -272,7 +312,9 @@ def _group_sizes(op, x_batch, samples, idx_list, idx_name, bound, like):
             _check_index(op, f"samples[{g}]", S, x_batch, like, bounds=False)
             n = S.numel()
         _check_index(op, f"{idx_name}[{g}]", idx, bound, like, bounds=False)
-        if n == 0 or idx.numel() == 0 or idx.numel() % n:
+        # While traced, idx's length can be a symbol of the graph (sparse_ops.ops.plans): not checked
+        # (a guard on it would fail), and R = 0 (no block) runs as empty GEMMs.
+        if n == 0 or (not torch.compiler.is_compiling() and (idx.numel() == 0 or idx.numel() % n)):
             raise ValueError(f"{op}: {idx_name}[{g}] must hold R > 0 ids for each of the group's {n} samples "
                              f"(a non-empty group); got {idx.numel()} ids")
         plan.append((S, n, idx.numel() // n, idx))

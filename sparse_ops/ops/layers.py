@@ -12,6 +12,7 @@ import torch
 
 from .. import reference as _reference
 from . import registry as _registry
+from .plans import kept_positions, kept_positions_per_row, token_plan
 
 
 # ----------------------------------------------------------------- row ops
@@ -87,6 +88,11 @@ _registry.define("scatter_rows_backward", fake=_scatter_backward_fake, triton=_t
 def _first(out):
     """The hidden state of a layer's output (HF layers return tuples)."""
     return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _rest(out):
+    """The other elements of a layer's tuple output (none for a tensor)."""
+    return tuple(out[1:]) if isinstance(out, (tuple, list)) else ()
 
 
 def _hidden(layer, out, like):
@@ -181,7 +187,7 @@ def _roles(x, keep, args, kwargs, travel, stay):
 
 
 def skip_layer(layer, x, keep, *args, gate=None, dense_grad=False, pad_mask_kwarg=None,
-               backend="auto", travel=None, stay=None, **kwargs):
+               backend="auto", travel=None, stay=None, full_output=False, **kwargs):
     """Run `layer` only on kept samples (keep [B]) or kept tokens (keep [B, T]); skipped rows pass through.
 
     Per sample: y[b] = layer(x)[b] where kept, x[b] where skipped. Tensor args/kwargs whose first
@@ -196,7 +202,19 @@ def skip_layer(layer, x, keep, *args, gate=None, dense_grad=False, pad_mask_kwar
     gate (float, shaped like keep): y = x + gate * (layer(...) - x); a gate of exactly 0 skips the
     row. Straight-through gradient: exact for rows that ran; for skipped rows 0, or exact with
     dense_grad=True (the layer then runs on those rows in backward only).
-    Layers returning tuples (HF) are supported: the first element is the hidden state.
+    Layers returning tuples (HF) are supported: the first element is the hidden state, and the
+    result is y alone. full_output=True returns (y, *others): the layer's other elements as it
+    returned them for the rows it ran, so a per-sample element (attention weights, a cache
+    entry) holds the kept rows only, in the order of keep.nonzero() (per token: [B, k, ...] as
+    the layer saw them); skipped rows have no entry. When nothing runs, the layer is still called
+    on zero rows to give the other elements their structure. (All rows kept, no gate: the
+    layer's own output, whole.)
+    Under torch.compile (fullgraph=True, dynamic batch) the kept count is a symbol of the graph:
+    one graph for every mask, no recompile when it changes. The layer is traced on a batch of
+    unknown size (possibly 0), which torch.nn layers accept per sample; per token the unknown
+    size is the sequence length, on which torch's own attention guards (torch 2.13: Eq(1, k) in
+    F.multi_head_attention_forward), so an attention layer per token does not trace with
+    fullgraph. dense_grad=True refuses to compile (the rows it re-runs depend on gate values).
     On CUDA the kept rows cost one host synchronisation (their count depends on keep's values);
     the row ops themselves (gather_rows / scatter_rows with int64 idx) synchronise never: their
     index checks run on the device.
@@ -218,19 +236,16 @@ def skip_layer(layer, x, keep, *args, gate=None, dense_grad=False, pad_mask_kwar
     run_flat = run.reshape(-1)
     gate_flat = gate.reshape(-1) if gate is not None else None
 
+    compiling = torch.compiler.is_compiling()
     if per_token:
-        counts = run.sum(1)
-        kmax = int(counts.max()) if B > 0 else 0
-        T = x.shape[1]
-        # Positions of each sample's kept tokens, in order, padded with -1 to kmax.
-        order = torch.sort((~run).to(torch.int8), dim=1, stable=True).indices[:, :kmax]
-        valid = torch.arange(kmax, device=x.device)[None, :] < counts[:, None]
-        idx = torch.where(valid, order + torch.arange(B, device=x.device)[:, None] * T,
-                          torch.full_like(order, -1)).reshape(-1)
-        n_run = int(counts.sum())
+        if compiling:
+            idx, valid = kept_positions_per_row(run)
+            kmax, n_run = valid.shape[1], None
+        else:
+            idx, valid, kmax, n_run = token_plan(run)
     else:
-        idx = torch.nonzero(run_flat).reshape(-1)
-        n_run = idx.numel()
+        idx = kept_positions(run_flat) if compiling else torch.nonzero(run_flat).reshape(-1)
+        n_run = None if compiling else idx.numel()
 
     def compact(t):
         if per_token:
@@ -243,20 +258,29 @@ def skip_layer(layer, x, keep, *args, gate=None, dense_grad=False, pad_mask_kwar
                              f"got {list(t.shape)}")
         return gather_rows(t, idx, backend)
 
-    if n_run == 0:
+    # Traced (n_run None): one path for every mask, the kept count a graph symbol; a layer no
+    # row runs sees an empty batch (its parameters still get zero gradients).
+    # With full_output, a mask that runs nothing still calls the layer (on zero rows) for the
+    # structure of its other outputs.
+    rest = ()
+    if n_run == 0 and not full_output:
         y = x
         params = _params_needing_grad(layer)
         if params:
             y = _ZeroGrads.apply(x, *params)
     elif not per_token and n_run == B and gate is None:
-        return _hidden(layer, layer(x, *args, **kwargs), x)  # nothing skipped: no copies
+        out = layer(x, *args, **kwargs)  # nothing skipped: no copies
+        h = _hidden(layer, out, x)
+        return (h, *_rest(out)) if full_output else h
     else:
         xc = compact(x)
         args_c = [compact(a) if roles.get(i) else a for i, a in enumerate(args)]
         kwargs_c = {k: compact(v) if roles.get(k) else v for k, v in kwargs.items()}
         if per_token and pad_mask_kwarg is not None:
             kwargs_c[pad_mask_kwarg] = valid
-        out = _hidden(layer, layer(xc, *args_c, **kwargs_c), xc)
+        full = layer(xc, *args_c, **kwargs_c)
+        rest = _rest(full)
+        out = _hidden(layer, full, xc)
         if per_token:
             out = out.reshape(B * kmax, *out.shape[2:])
         g = None
@@ -267,11 +291,15 @@ def skip_layer(layer, x, keep, *args, gate=None, dense_grad=False, pad_mask_kwar
             y = y.reshape(x.shape)
 
     if dense_grad and gate is not None and gate.requires_grad and torch.is_grad_enabled():
+        if compiling:
+            raise NotImplementedError("skip_layer: dense_grad=True does not compile (the rows it re-runs in "
+                                      "backward are chosen by the gate's values); call it outside "
+                                      "torch.compile or use dense_grad=False")
         skipped = torch.nonzero((keep & (gate == 0)).reshape(-1)).reshape(-1)
         if skipped.numel() > 0:
             y = _dense_gate_grad(layer, x, keep, y, gate, skipped, args, kwargs, per_token,
                                  pad_mask_kwarg, backend, travel, stay)
-    return y
+    return (y, *rest) if full_output else y
 
 
 def _dense_gate_grad(layer, x, keep, y, gate, skipped, args, kwargs, per_token, pad_mask_kwarg, backend,

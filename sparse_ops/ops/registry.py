@@ -152,4 +152,13 @@ def launch(name: str, backend: str) -> Callable:
 
 def run(name: str, device: torch.device, backend: str | None, *args):
     """Pick the backend for `device` (sparse_ops.backend.choose) and run op `name` on it."""
-    return launch(name, _backend.choose(name, device, backend))(*args)
+    picked = _backend.choose(name, device, backend)
+    if torch.compiler.is_compiling():
+        # Traced: the op itself (autograd included), not the launcher cache, whose first fill
+        # would be traced as a dict insertion and recompile the next call.
+        spec = _SPECS[name]
+        if picked == "torch":
+            return spec.reference(*args)
+        out = (triton_op(name) if picked == "triton" else _cpp_op(name))(*args)
+        return out[0] if spec.tuple_out else out
+    return launch(name, picked)(*args)
