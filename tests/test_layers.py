@@ -500,3 +500,47 @@ def test_arguments_that_travel_are_named_where_the_shape_cannot_tell():
         sparse_ops.skip_layer(layer, x, keep, src_mask=causal, travel=["src_mask"], stay=["src_mask"])
     with pytest.raises(ValueError, match="must have the batch B = 6 first"):
         sparse_ops.skip_layer(layer, x, keep, src_mask=torch.zeros(5, 6), travel=["src_mask"])
+
+
+class _WithExtra(nn.Module):
+    """HF-style: (hidden, per-row extra, a constant)."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.lin = nn.Linear(d, d)
+        self.calls = []
+
+    def forward(self, x):
+        self.calls.append(x.shape[0])
+        h = self.lin(x)
+        return h, h.sum(-1), "tag"
+
+
+@pytest.mark.parametrize("keep_list", [[1, 0, 1, 1], [1, 1, 1, 1], [0, 0, 0, 0], [0, 1, 0, 0]])
+def test_full_output_keeps_the_other_elements(keep_list):
+    torch.manual_seed(9)
+    layer = _WithExtra(5)
+    x = torch.randn(4, 3, 5)
+    keep = torch.tensor(keep_list, dtype=torch.bool)
+    y, extra, tag = sparse_ops.skip_layer(layer, x, keep, full_output=True)
+    torch.testing.assert_close(y, sparse_ops.skip_layer(layer, x, keep))
+    h = layer.lin(x)
+    torch.testing.assert_close(y, torch.where(keep[:, None, None], h, x))
+    # The other elements are the layer's, for the rows it ran, in order (all rows: its own output).
+    torch.testing.assert_close(extra, h.sum(-1)[keep])
+    assert tag == "tag"
+    assert layer.calls[0] == int(keep.sum())  # nothing kept: called on zero rows for the structure
+
+
+def test_full_output_per_token_and_without_a_tuple():
+    torch.manual_seed(10)
+    layer = _WithExtra(5)
+    x = torch.randn(2, 4, 5)
+    keep = torch.tensor([[1, 0, 1, 0], [0, 0, 1, 0]], dtype=torch.bool)
+    y, extra, _ = sparse_ops.skip_layer(layer, x, keep, full_output=True)
+    assert extra.shape == (2, 2)  # [B, k]: k = 2 kept tokens at most, as the layer saw them
+    torch.testing.assert_close(extra[0], layer.lin(x[0, [0, 2]]).sum(-1))
+    torch.testing.assert_close(extra[1, 0], layer.lin(x[1, 2]).sum(-1))
+    lin = nn.Linear(5, 5)
+    (only,) = sparse_ops.skip_layer(lin, x, keep, full_output=True)  # a tensor layer: (y,)
+    torch.testing.assert_close(only, sparse_ops.skip_layer(lin, x, keep))
