@@ -31,6 +31,9 @@ Tensor apply_act(const Tensor& pre, Act act) {
     case Act::GeluTanh: return at::gelu(pre, "tanh");
     case Act::Relu: return at::relu(pre);
     case Act::Silu: return at::silu(pre);
+    // A copy, as every other case makes one: callers scale the result in place, and pre is
+    // returned and saved for the backward.
+    case Act::Identity: return pre.clone();
   }
   return pre;
 }
@@ -41,6 +44,7 @@ Tensor act_backward(const Tensor& grad, const Tensor& pre, Act act) {
     case Act::GeluTanh: return at::gelu_backward(grad, pre, "tanh");
     case Act::Relu: return at::threshold_backward(grad, pre, 0);
     case Act::Silu: return at::silu_backward(grad, pre);
+    case Act::Identity: return grad;
   }
   return grad;
 }

@@ -22,7 +22,8 @@ Act parse_activation(const std::string& name) {
   if (name == "gelu_tanh") return Act::GeluTanh;
   if (name == "relu") return Act::Relu;
   if (name == "silu") return Act::Silu;
-  TORCH_CHECK(false, "gated_ffn: activation must be one of 'gelu', 'gelu_tanh', 'relu', 'silu'; got '",
+  if (name == "identity") return Act::Identity;
+  TORCH_CHECK(false, "gated_ffn: activation must be one of 'gelu', 'gelu_tanh', 'relu', 'silu', 'identity'; got '",
               name, "'");
 }
 

@@ -17,7 +17,7 @@ namespace ffn {
 using at::Tensor;
 using OptTensor = std::optional<Tensor>;
 
-enum class Act { Gelu, GeluTanh, Relu, Silu };
+enum class Act { Gelu, GeluTanh, Relu, Silu, Identity };
 Act parse_activation(const std::string& name);
 
 // Rows at or below this count take the fused gather-GEMV decode kernel.

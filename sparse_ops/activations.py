@@ -9,7 +9,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-NAMES = ("gelu", "gelu_tanh", "relu", "silu")
+# "identity" (h = pre): with a precomputed activation passed as the gate, the op is CATS's
+# sparse step, act(x W_gate) * (x W_up) on the kept columns only (patching/llama.py).
+NAMES = ("gelu", "gelu_tanh", "relu", "silu", "identity")
 CODE = {name: i for i, name in enumerate(NAMES)}
 
 _FORWARD = {
@@ -17,6 +19,7 @@ _FORWARD = {
     "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),
     "relu": F.relu,
     "silu": F.silu,
+    "identity": lambda t: t,
 }
 
 
@@ -42,5 +45,7 @@ def backward(grad: torch.Tensor, pre: torch.Tensor, name: str) -> torch.Tensor:
         return torch.ops.aten.threshold_backward(grad, pre, 0)
     if name == "silu":
         return torch.ops.aten.silu_backward(grad, pre)
+    if name == "identity":
+        return grad
     check(name)
     raise AssertionError("unreachable")

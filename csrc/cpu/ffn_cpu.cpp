@@ -171,6 +171,7 @@ inline T act_scalar(T v, Act act) {
     }
     case Act::Relu: return v > T(0) ? v : T(0);
     case Act::Silu: return v / (T(1) + std::exp(-v));
+    case Act::Identity: return v;
   }
   return v;
 }

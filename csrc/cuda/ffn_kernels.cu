@@ -38,6 +38,7 @@ __device__ __forceinline__ A activation(A v, FfnAct act) {
     }
     case FfnAct::Relu: return v > A(0) ? v : A(0);
     case FfnAct::Silu: return v / (A(1) + exp(-v));
+    case FfnAct::Identity: return v;
   }
   return v;
 }

@@ -10,7 +10,7 @@
 namespace sparse_ops {
 namespace cuda {
 
-enum class FfnAct { Gelu = 0, GeluTanh = 1, Relu = 2, Silu = 3 };
+enum class FfnAct { Gelu = 0, GeluTanh = 1, Relu = 2, Silu = 3, Identity = 4 };
 
 // Largest row count of the decode kernels (matches kDecodeMaxRows in csrc/ffn_plan.h).
 constexpr int kFfnDecodeMaxRows = 16;

@@ -102,7 +102,7 @@ def _scatter_tn(a_ptr, b_ptr, idx_ptr, o_ptr, M, I, J,
 
 @triton.jit
 def _act(v, ACT: tl.constexpr):
-    # 0 gelu (erf), 1 gelu (tanh), 2 relu, 3 silu; v is in the accumulator type
+    # 0 gelu (erf), 1 gelu (tanh), 2 relu, 3 silu, 4 identity; v is in the accumulator type
     if ACT == 0:
         return 0.5 * v * (1.0 + tl.math.erf(v * 0.7071067811865476))
     elif ACT == 1:
@@ -111,8 +111,10 @@ def _act(v, ACT: tl.constexpr):
         return 0.5 * v * (1.0 + t)
     elif ACT == 2:
         return tl.maximum(v, 0.0)
-    else:
+    elif ACT == 3:
         return v * tl.sigmoid(v)
+    else:
+        return v
 
 
 @triton.jit
