@@ -6,11 +6,15 @@ layers are not computed.
   clear_masks(model)
   unpatch(model) -> model            the original module classes, the same weights
   stats(model) -> {"heads": f, "ffn": f, "layers": f}
+  calibrate_contextual_ffn(model, batches, *, sparsity=0.5, transposed_down=False) -> thresholds
+  set_contextual_ffn(model, thresholds, *, transposed_down=False)
+                                     contextual (CATS-style) FFN sparsity of LLaMA-family MLPs
+                                     (patching/contextual.py); clear_masks turns it off
 
 Supported today: torch.nn.TransformerEncoder / TransformerEncoderLayer (patching/torch_encoder.py)
 Hugging Face BERT-family encoders (patching/bert.py) and LLaMA-family decoders (patching/llama.py:
-GQA, rotary, SwiGLU, a KV cache) and GPT-2 (patching/gpt2.py: Conv1D weights). Not yet: contextual
-(CATS) FFN masks for decoding, learned gates (gate=...).
+GQA, rotary, SwiGLU, a KV cache, contextual FFN sparsity) and GPT-2 (patching/gpt2.py: Conv1D
+weights). Not yet: learned gates (gate=...).
 
 How masks are read: set_masks stores them on each layer (a LayerState, patching/state.py); a
 [B, ...] mask applies to batches of that size. stats counts, in the converted modules, the unit
@@ -24,7 +28,7 @@ from __future__ import annotations
 
 import torch
 
-from . import bert, gpt2, llama, torch_encoder
+from . import bert, contextual, gpt2, llama, torch_encoder
 from .state import ATTR, KINDS, LayerState
 
 _FAMILIES = (("torch.nn.TransformerEncoder(Layer)", torch_encoder), ("Hugging Face BERT-family encoder", bert),
@@ -108,6 +112,9 @@ def set_masks(model, *, heads=None, ffn=None, layers=None):
         ffn = list(ffn)
         if len(ffn) != L:
             raise ValueError(f"sparse_ops.set_masks: ffn must have one entry per layer ({L}); got {len(ffn)}")
+        if any(m is not None for m in ffn) and any(st.ffn_threshold is not None for st in states):
+            raise ValueError("sparse_ops.set_masks: contextual FFN sparsity is on (set_contextual_ffn); turn it off "
+                             "first (set_contextual_ffn(model, None)): a layer takes either a mask or a threshold")
         for st, m in zip(states, ffn):
             if m is None:
                 continue
@@ -134,9 +141,56 @@ def set_masks(model, *, heads=None, ffn=None, layers=None):
 
 
 def clear_masks(model):
-    """Every unit on again (the masks set with set_masks are dropped)."""
+    """Every unit on again (the masks set with set_masks are dropped, contextual FFN sparsity is off)."""
     for st in _states(model, "clear_masks")["states"]:
         st.heads = st.ffn = st.keep = None
+        st.ffn_threshold = st.ffn_down_t = None
+
+
+def _contextual_model(model, who):
+    p = _states(model, who)
+    if p["module"] is not llama:
+        raise TypeError(f"sparse_ops.{who}: contextual FFN sparsity needs a gated (SwiGLU) MLP, as in LLaMA-family "
+                        f"decoders; this model was patched as {p['family']}")
+    if not p["parts"]["ffn"]:
+        raise ValueError(f"sparse_ops.{who}: the model was patched with ffn=False")
+    if any(st.ffn is not None for st in p["states"]):
+        raise ValueError(f"sparse_ops.{who}: FFN masks are set (set_masks(ffn=...)); clear them first: a layer takes "
+                         f"either a mask or a contextual threshold")
+    return p
+
+
+def calibrate_contextual_ffn(model, batches, *, sparsity=0.5, transposed_down=False):
+    """Contextual FFN sparsity, CATS-style: run `batches` (input_ids tensors, or dicts of model
+    arguments) through the dense model, set each layer's threshold on |act(x W_gate)| to the
+    `sparsity` quantile of its values, and turn it on. Returns the thresholds (one per layer).
+    transposed_down: read the down projection from a [F, d] copy (see patching/contextual.py)."""
+    p = _contextual_model(model, "calibrate_contextual_ffn")
+    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"sparse_ops.calibrate_contextual_ffn: sparsity must be a number in [0, 1); got {sparsity!r}")
+    batches = list(batches)
+    if not batches:
+        raise ValueError("sparse_ops.calibrate_contextual_ffn: batches is empty; give a few batches of text")
+    set_contextual_ffn(model, None)
+    th = contextual.calibrate(model, p["states"], batches, float(sparsity))
+    set_contextual_ffn(model, th, transposed_down=transposed_down)
+    return th
+
+
+def set_contextual_ffn(model, thresholds, *, transposed_down=False):
+    """Per-layer thresholds on |act(x W_gate)| (a list with one number or None per layer), or None: off."""
+    p = _contextual_model(model, "set_contextual_ffn")
+    L = len(p["states"])
+    if thresholds is None:
+        thresholds = [None] * L
+    thresholds = list(thresholds)
+    if len(thresholds) != L:
+        raise ValueError(f"sparse_ops.set_contextual_ffn: thresholds must have one entry per layer ({L}); "
+                         f"got {len(thresholds)}")
+    for i, t in enumerate(thresholds):
+        if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not t >= 0.0):
+            raise ValueError(f"sparse_ops.set_contextual_ffn: thresholds[{i}] must be a number >= 0 or None; got {t!r}")
+    contextual.set_thresholds(p["states"], [layer.mlp for layer in p["layers"]], thresholds, transposed_down)
 
 
 def unpatch(model):
@@ -158,4 +212,5 @@ def stats(model):
     return out
 
 
-__all__ = ["patch", "set_masks", "clear_masks", "unpatch", "stats", "LayerState", "ATTR"]
+__all__ = ["patch", "set_masks", "clear_masks", "unpatch", "stats", "calibrate_contextual_ffn", "set_contextual_ffn",
+           "LayerState", "ATTR"]

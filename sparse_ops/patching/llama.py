@@ -27,6 +27,7 @@ import torch
 
 from ..ops import gated_ffn, masked_head_attention, skip_layer
 from ..ops.head_proj import head_in_proj, head_out_proj
+from . import contextual
 from .state import (ATTR, LayerState, activation_name, begin_layer, convert_layer, converted, ffn_call,
                     find_layers, heads_of, restore_modules)
 
@@ -120,6 +121,8 @@ class SparseLlamaAttention:
 class SparseLlamaMLP:
     def forward(self, x):
         st: LayerState = self._sparse_layer_state
+        if st.ffn is None and st.ffn_threshold is not None or st.ffn_calib is not None:
+            return contextual.forward(st, self, x, self._sparse_act)
         a = ffn_call(st, x.shape[0], x.shape[1])
         if a is None:
             return super().forward(x)

@@ -30,6 +30,11 @@ class LayerState:
     # and select the same rows of their [B, ...] masks).
     batch: int = 0
     rows: torch.Tensor | None = None
+    # Contextual FFN sparsity (patching/contextual.py): the layer's threshold on |act(x W_gate)|,
+    # the |activation| samples a calibration collects, the transposed down-projection copy.
+    ffn_threshold: float | None = None
+    ffn_calib: list | None = None
+    ffn_down_t: torch.Tensor | None = None
     # (computed, total) unit pairs of the last forward: (sample, head), (token, column), (sample, layer).
     counts: dict = field(default_factory=lambda: {k: [0, 0] for k in KINDS})
 
