@@ -620,3 +620,43 @@ def test_gpt2_masks_equal_reference_and_generate(impl, per_sample):
     keys = set(model.state_dict())
     sparse_ops.unpatch(model)
     assert set(model.state_dict()) == keys
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_gpt2_and_llama_train_mode_gradients_equal_the_reference(family):
+    """Train mode (no dropout in these configs), a padded batch, per-sample masks: the logits and
+    the gradients of every parameter equal those of the mask-multiply hooks on the unpatched model."""
+    model = small_gpt2() if family == "gpt2" else small_llama()
+    nh, nf, nl, hooks = (GH, GF, GL, gpt2_hooks) if family == "gpt2" else (LH, LF, LL, llama_hooks)
+    B, T = 3, 6
+    g = torch.Generator().manual_seed(4)
+    ids = torch.randint(3, 100, (B, T), generator=g)
+    am = torch.ones(B, T, dtype=torch.long)
+    am[2, :2] = 0
+    real = am.bool()[..., None]
+    heads = [torch.rand(B, nh, generator=g) < 0.6 for _ in range(nl)]
+    ffn = [torch.rand(B, nf, generator=g) < 0.5 for _ in range(nl)]
+    layers = torch.rand(B, nl, generator=g) < 0.7
+    params = [p for _, p in model.named_parameters()]
+
+    def step():
+        model.train()
+        y = model(input_ids=ids, attention_mask=am).logits
+        grads = torch.autograd.grad((y * real).square().mean(), params, allow_unused=True)
+        model.eval()
+        return y.detach() * real, grads
+
+    hs = hooks(model, heads, ffn, layers)
+    ref_y, ref_g = step()
+    for h in hs:
+        h.remove()
+    sparse_ops.patch(model)
+    sparse_ops.set_masks(model, heads=heads, ffn=ffn, layers=layers)
+    y, gs = step()
+    torch.testing.assert_close(y, ref_y, rtol=1e-5, atol=1e-5)
+    for (name, _), a, b in zip(model.named_parameters(), gs, ref_g):
+        if b is None:
+            assert a is None or not a.any(), name
+        else:
+            assert a is not None, name
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
