@@ -140,6 +140,17 @@ def choose(op: str, device: torch.device, backend: str | None = None) -> str:
     return picked
 
 
+def _auto_pick(op: str, dt: str):
+    """(auto's compiled pick for op on device type dt, or None; why each candidate was not usable)."""
+    reasons = []
+    for cand in {"cpu": ("cpp",), "cuda": ("cuda", "triton")}.get(dt, ()):
+        ok, why = _available(cand, op, dt)
+        if ok:
+            return cand, reasons
+        reasons.append(f"{cand}: {why}")
+    return None, reasons
+
+
 def _choose(op: str, dt: str, name: str) -> str:
     if name not in BACKENDS:
         raise ValueError(f"{op}: backend must be one of {BACKENDS}; got {name!r}")
@@ -148,13 +159,9 @@ def _choose(op: str, dt: str, name: str) -> str:
         if not ok:
             raise RuntimeError(f"{op}: backend {name!r} is not usable here: {why}")
         return name
-    order = {"cpu": ("cpp",), "cuda": ("cuda", "triton")}.get(dt, ())
-    reasons = []
-    for cand in order:
-        ok, why = _available(cand, op, dt)
-        if ok:
-            return cand
-        reasons.append(f"{cand}: {why}")
+    picked, reasons = _auto_pick(op, dt)
+    if picked is not None:
+        return picked
     key = (op, dt)
     if key not in _warned:
         _warned.add(key)
@@ -179,8 +186,7 @@ def _prefill() -> None:
                 if name == "auto":
                     if _current != "auto":
                         continue
-                    order = {"cpu": ("cpp",), "cuda": ("cuda", "triton")}[dt]
-                    picked = next((c for c in order if _available(c, op, dt)[0]), None)
+                    picked = _auto_pick(op, dt)[0]
                 elif name == "triton" and dt == "cpu":
                     continue
                 else:

@@ -396,6 +396,15 @@ def test_torch_encoder_layer_alone_and_unsupported_activation():
     sparse_ops.patch(odd, ffn=False)  # the rest converts
 
 
+def left_padded(g, B, T, row):
+    """A decoder batch: ids [B, T] drawn from g, its attention mask with two tokens of left padding
+    (as generation pads) in sample `row`, and the real-token mask [B, T, 1] outputs are compared on."""
+    ids = torch.randint(3, 100, (B, T), generator=g)
+    am = torch.ones(B, T, dtype=torch.long)
+    am[row, :2] = 0
+    return ids, am, am.bool()[..., None]
+
+
 # ----------------------------------------------------------------- LLaMA family (GQA, rotary, SwiGLU)
 LH, LKV, LF, LL = 6, 2, 64, 3
 
@@ -439,10 +448,7 @@ def test_llama_masks_equal_reference(impl, per_sample):
     model = small_llama(impl)
     B, T = 3, 7
     g = torch.Generator().manual_seed(1)
-    ids = torch.randint(3, 100, (B, T), generator=g)
-    am = torch.ones(B, T, dtype=torch.long)
-    am[1, :2] = 0  # left padding, as generation pads
-    real = am.bool()[..., None]
+    ids, am, real = left_padded(g, B, T, row=1)
     with torch.no_grad():
         ref = model(input_ids=ids, attention_mask=am).logits
     shape_h, shape_f = ((B, LH), (B, LF)) if per_sample else ((LH,), (LF,))
@@ -589,10 +595,7 @@ def test_gpt2_masks_equal_reference_and_generate(impl, per_sample):
     model = small_gpt2(impl)
     B, T = 3, 7
     g = torch.Generator().manual_seed(1)
-    ids = torch.randint(3, 100, (B, T), generator=g)
-    am = torch.ones(B, T, dtype=torch.long)
-    am[1, :2] = 0
-    real = am.bool()[..., None]
+    ids, am, real = left_padded(g, B, T, row=1)
     with torch.no_grad():
         ref = model(input_ids=ids, attention_mask=am).logits
     shape_h, shape_f = ((B, GH), (B, GF)) if per_sample else ((GH,), (GF,))
@@ -630,10 +633,7 @@ def test_gpt2_and_llama_train_mode_gradients_equal_the_reference(family):
     nh, nf, nl, hooks = (GH, GF, GL, gpt2_hooks) if family == "gpt2" else (LH, LF, LL, llama_hooks)
     B, T = 3, 6
     g = torch.Generator().manual_seed(4)
-    ids = torch.randint(3, 100, (B, T), generator=g)
-    am = torch.ones(B, T, dtype=torch.long)
-    am[2, :2] = 0
-    real = am.bool()[..., None]
+    ids, am, real = left_padded(g, B, T, row=2)
     heads = [torch.rand(B, nh, generator=g) < 0.6 for _ in range(nl)]
     ffn = [torch.rand(B, nf, generator=g) < 0.5 for _ in range(nl)]
     layers = torch.rand(B, nl, generator=g) < 0.7

@@ -119,14 +119,22 @@ def _needs_graph(args) -> bool:
     return any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
 
 
-def _make_launcher(name: str, backend: str) -> Callable:
+def _target(name: str, backend: str) -> Callable:
+    """What runs op `name` on `backend`: the reference (torch), or the registered op (its Triton
+    twin for triton, the C++/CUDA op otherwise), which returns the schema's whole output."""
     spec = _SPECS[name]
     if backend == "torch":
         if spec.reference is None:
             raise RuntimeError(f"{name}: no reference implementation is registered")
         return spec.reference
-    op = triton_op(name) if backend == "triton" else _cpp_op(name)
-    first = spec.tuple_out
+    return triton_op(name) if backend == "triton" else _cpp_op(name)
+
+
+def _make_launcher(name: str, backend: str) -> Callable:
+    op = _target(name, backend)
+    if backend == "torch":
+        return op
+    first = _SPECS[name].tuple_out
 
     def launch(*args):
         if _needs_graph(args):
@@ -156,9 +164,6 @@ def run(name: str, device: torch.device, backend: str | None, *args):
     if torch.compiler.is_compiling():
         # Traced: the op itself (autograd included), not the launcher cache, whose first fill
         # would be traced as a dict insertion and recompile the next call.
-        spec = _SPECS[name]
-        if picked == "torch":
-            return spec.reference(*args)
-        out = (triton_op(name) if picked == "triton" else _cpp_op(name))(*args)
-        return out[0] if spec.tuple_out else out
+        out = _target(name, picked)(*args)
+        return out[0] if picked != "torch" and _SPECS[name].tuple_out else out
     return launch(name, picked)(*args)

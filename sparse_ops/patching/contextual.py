@@ -26,6 +26,7 @@ from .. import activations
 from ..ops import gated_ffn
 from .state import LayerState
 
+
 def sparse_pays(N: int, union: int, F_: int) -> bool:
     """Whether the sparse path (gated_ffn on the union of the rows' kept columns) is faster than
     the dense MLP with the mask applied, for N rows whose kept columns' union has `union` of F_.
@@ -44,6 +45,7 @@ def sparse_pays(N: int, union: int, F_: int) -> bool:
     the whole step measured 0.95x and 1.07x of dense in two runs, within this machine's noise of
     its 1.03x bytes bound, so that case runs dense.)"""
     return N <= 16 and union <= 0.8 * F_
+
 
 _SAMPLES = 1 << 16  # |a| values kept per layer and calibration call
 

@@ -121,7 +121,7 @@ class SparseLlamaAttention:
 class SparseLlamaMLP:
     def forward(self, x):
         st: LayerState = self._sparse_layer_state
-        if st.ffn is None and st.ffn_threshold is not None or st.ffn_calib is not None:
+        if (st.ffn is None and st.ffn_threshold is not None) or st.ffn_calib is not None:
             return contextual.forward(st, self, x, self._sparse_act)
         a = ffn_call(st, x.shape[0], x.shape[1])
         if a is None:
