@@ -10,6 +10,18 @@ through the surrogate.
   concrete samples in training, deterministic in eval; exact zeros are common, so the
   skipped units are real; `l0_penalty()` is the expected number of open gates.
 - gumbel_gate(logits, tau): a hard Gumbel-sigmoid sample with straight-through gradient.
+
+Model-level gates (what `sparse_ops.patch(model, gate=...)` attaches to each layer):
+- UnitGate(kind, n, keep=None): the learned gate of one layer's n units of one kind, shared by
+  every input: "hard_concrete", "threshold" or "topk" (exactly round(keep * n) units on).
+  Calling it gives this forward's values [n] (exact zeros are skipped units); `expected()` the
+  expected fraction on, differentiable in the gate's parameters.
+- LayerGates: a layer's UnitGates by kind ("heads", "ffn", "layer"); a child module of the layer,
+  so its parameters are in model.parameters() and state_dict (keys `...sparse_gates.<kind>.*`).
+- keep_fractions(model): expected fraction of (row, unit) pairs computed per kind, as
+  sparse_ops.stats counts them (heads and FFN columns of a layer scaled by its layer gate).
+- budget_loss(model, heads=, ffn=, layers=): CoFi's Lagrangian penalty towards target keep
+  fractions, with multipliers that learn by gradient ascent under any minimising optimizer.
 """
 from __future__ import annotations
 
@@ -101,4 +113,183 @@ class HardConcrete(nn.Module):
         return torch.sigmoid(self.log_alpha - shift).sum()
 
 
-__all__ = ["ste_threshold", "ste_topk", "gumbel_gate", "HardConcrete"]
+# ----------------------------------------------------------------- model-level gates
+GATE_KINDS = ("hard_concrete", "threshold", "topk")
+UNIT_KINDS = ("heads", "ffn", "layer")
+
+
+class UnitGate(nn.Module):
+    """One layer's gate over n units of one kind (heads, FFN columns, or the layer itself: n = 1).
+
+    hard_concrete: L0 gates (HardConcrete, CoFi's constants: stretch (-0.1, 1.1), temperature 2/3).
+      Training: one sample per forward, shared by the batch (as CoFi samples its masks). Eval:
+      deterministic, as CoFi's: the round(expected count) units with the largest log_alpha stay
+      on, with the value of their deterministic gate; the others are exactly 0.
+    threshold: a learned score per unit; on where score > 0 (ste_threshold: hard 0/1 forward,
+      sigmoid gradient). expected(): the fraction on, with the sigmoid's gradient.
+    topk: a learned score per unit; exactly round(keep * n) units on (ste_topk). expected() is
+      that constant fraction (nothing for a budget to push).
+    """
+
+    def __init__(self, kind: str, n: int, keep: float | None = None, init_open: float = 0.9):
+        super().__init__()
+        if kind not in GATE_KINDS:
+            raise ValueError(f"UnitGate: kind must be one of {GATE_KINDS}; got {kind!r}")
+        if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
+            raise ValueError(f"UnitGate: n must be a positive int; got {n!r}")
+        self.kind, self.n = kind, n
+        if kind == "hard_concrete":
+            self.hc = HardConcrete(n, init_open=init_open)
+        else:
+            # Small distinct scores so that top-k has no ties at the start; threshold gates start on.
+            base = 1.0 if kind == "threshold" else 0.0
+            self.score = nn.Parameter(base + 1e-3 * torch.randn(n))
+        self.k = None
+        if kind == "topk":
+            keep = 0.5 if keep is None else keep
+            if isinstance(keep, bool) or not isinstance(keep, numbers.Real) or not 0.0 <= keep <= 1.0:
+                raise ValueError(f"UnitGate: keep must be a fraction in [0, 1] for topk; got {keep!r}")
+            self.k = int(round(keep * n))
+        elif keep is not None:
+            raise ValueError(f"UnitGate: keep is the fixed fraction of a topk gate; a {kind} gate learns its "
+                             f"fraction (use budget_loss); got keep={keep!r}")
+
+    def forward(self) -> torch.Tensor:
+        if self.kind == "threshold":
+            return ste_threshold(self.score)
+        if self.kind == "topk":
+            return ste_topk(self.score, self.k)
+        hc = self.hc
+        if self.training:
+            return hc()
+        # CoFi's deterministic eval: keep the round(E) most open units.
+        keep = int(round(float(hc.l0_penalty().detach())))
+        g = hc()
+        hard = torch.zeros_like(g)
+        if keep > 0:
+            hard[hc.log_alpha.topk(keep).indices] = 1.0
+        return g * hard
+
+    def expected(self) -> torch.Tensor:
+        """Expected fraction of the n units on (a 0-dim tensor; differentiable except for topk)."""
+        if self.kind == "hard_concrete":
+            return self.hc.l0_penalty() / self.n
+        if self.kind == "threshold":
+            soft = torch.sigmoid(self.score).mean()
+            return _straight_through((self.score > 0).to(soft.dtype).mean(), soft)
+        return self.score.new_tensor(self.k / self.n)
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind!r}, n={self.n}" + (f", k={self.k}" if self.k is not None else "")
+
+
+class LayerGates(nn.Module):
+    """A layer's gates by kind (children `heads`, `ffn`, `layer`, each a UnitGate or absent)."""
+
+    def __init__(self, gates: dict):
+        super().__init__()
+        for kind, g in gates.items():
+            if kind not in UNIT_KINDS or not isinstance(g, UnitGate):
+                raise ValueError(f"LayerGates: expected UnitGates keyed by {UNIT_KINDS}; got {kind!r}: {g!r}")
+            self.add_module(kind, g)
+
+    def get(self, kind: str):
+        return self._modules.get(kind)
+
+
+def _layer_gates(model, who):
+    found = [m for m in model.modules() if isinstance(m, LayerGates)]
+    if not found:
+        raise ValueError(f"sparse_ops.gates.{who}: the model has no learned gates; patch it with "
+                         f"sparse_ops.patch(model, gate=...)")
+    return found
+
+
+def _expected_keep(model, who):
+    """{kind: expected fraction of (row, unit) pairs computed (a 0-dim tensor)} for the kinds that
+    have gates; heads and FFN columns of each layer are scaled by the layer's expected keep, as
+    sparse_ops.stats counts a skipped sample's units as not computed."""
+    per = {"heads": [], "ffn": [], "layers": []}
+    for lg in _layer_gates(model, who):
+        lay = lg.get("layer")
+        e_layer = lay.expected() if lay is not None else None
+        if e_layer is not None:
+            per["layers"].append(e_layer)
+        for kind in ("heads", "ffn"):
+            g = lg.get(kind)
+            if g is None and e_layer is None:
+                continue
+            e = g.expected() if g is not None else None
+            per[kind].append(e * e_layer if e is not None and e_layer is not None else e if e is not None else e_layer)
+    return {k: torch.stack(v).mean() for k, v in per.items() if v}
+
+
+def keep_fractions(model) -> dict:
+    """{"heads": f, "ffn": f, "layers": f}: the expected fraction of (row, unit) pairs computed
+    under the model's learned gates (floats; None for a kind without gates)."""
+    e = _expected_keep(model, "keep_fractions")
+    return {k: (float(e[k].detach()) if k in e else None) for k in ("heads", "ffn", "layers")}
+
+
+class _ReverseGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return -g
+
+
+class BudgetMultipliers(nn.Module):
+    """The Lagrange multipliers of budget_loss, two per kind (lambda1, lambda2), starting at 0.
+    They get the negated gradient, so any minimising optimizer that holds them ascends them
+    (CoFi trains its multipliers by gradient ascent with a separate optimizer)."""
+
+    def __init__(self):
+        super().__init__()
+        for kind in ("heads", "ffn", "layers"):
+            self.register_parameter(f"{kind}_lambda", nn.Parameter(torch.zeros(2)))
+
+    def pair(self, kind):
+        return _ReverseGrad.apply(getattr(self, f"{kind}_lambda"))
+
+
+def budget_loss(model, *, heads=None, ffn=None, layers=None, step=None, warmup_steps=0) -> torch.Tensor:
+    """CoFi's Lagrangian towards target keep fractions: sum over the kinds given of
+    lambda1 * (E - t) + lambda2 * (E - t)**2, where E is keep_fractions' expected fraction and
+    t the target. The multipliers (model's `sparse_budget` module, made at the first call, so
+    build the optimizer after it or add them) ascend while the gates descend. warmup_steps > 0:
+    the target moves linearly from 1 (dense) at step 0 to t at step warmup_steps."""
+    targets = {"heads": heads, "ffn": ffn, "layers": layers}
+    for k, t in targets.items():
+        if t is not None and (isinstance(t, bool) or not isinstance(t, numbers.Real) or not 0.0 <= t <= 1.0):
+            raise ValueError(f"sparse_ops.gates.budget_loss: {k} must be a keep fraction in [0, 1] or None; got {t!r}")
+    if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
+        raise ValueError(f"sparse_ops.gates.budget_loss: warmup_steps must be an int >= 0; got {warmup_steps!r}")
+    if warmup_steps > 0 and (isinstance(step, bool) or not isinstance(step, int) or step < 0):
+        raise ValueError(f"sparse_ops.gates.budget_loss: with warmup_steps, step must be an int >= 0; got {step!r}")
+    e = _expected_keep(model, "budget_loss")
+    mult = getattr(model, "sparse_budget", None)
+    if mult is None:
+        dev = next(model.parameters()).device
+        model.sparse_budget = mult = BudgetMultipliers().to(dev)
+    frac = 1.0 if warmup_steps == 0 else min(1.0, step / warmup_steps)
+    loss = None
+    for k, t in targets.items():
+        if t is None:
+            continue
+        if k not in e:
+            raise ValueError(f"sparse_ops.gates.budget_loss: a {k} target was given, but the model has no {k} gates")
+        t_now = 1.0 - (1.0 - t) * frac
+        lam = mult.pair(k)
+        d = e[k] - t_now
+        term = lam[0] * d + lam[1] * d * d
+        loss = term if loss is None else loss + term
+    if loss is None:
+        raise ValueError("sparse_ops.gates.budget_loss: give at least one target (heads=, ffn= or layers=)")
+    return loss
+
+
+__all__ = ["ste_threshold", "ste_topk", "gumbel_gate", "HardConcrete", "UnitGate", "LayerGates", "keep_fractions",
+           "budget_loss", "BudgetMultipliers", "GATE_KINDS"]

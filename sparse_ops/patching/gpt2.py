@@ -19,9 +19,10 @@ import torch
 import torch.nn.functional as F
 
 from ..ops import gated_ffn, masked_head_attention, skip_layer
+from ..ops.layers import zero_grads_for
 from .llama import _CachedRows, _causal
-from .state import (ATTR, LayerState, activation_name, begin_layer, convert_layer, converted, ffn_call,
-                    find_layers, heads_of, restore_modules)
+from .state import (ATTR, LayerState, activation_name, active, begin_layer, convert_layer, converted, ffn_call,
+                    find_layers, heads_of, layer_plan, restore_modules)
 
 ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu": "relu",
                "silu": "silu", "swish": "silu"}
@@ -50,7 +51,7 @@ class SparseGPT2Attention:
         cache = cache if cache is not None else kwargs.pop("past_key_values", None)
         H, D, E = self.num_heads, self.head_dim, self.embed_dim
         n, T = hidden_states.shape[:2]
-        if (st.heads is None or encoder_hidden_states is not None or output_attentions
+        if (active(st, "heads") is None or encoder_hidden_states is not None or output_attentions
                 or (self.config._attn_implementation == "eager" and self.reorder_and_upcast_attn)):
             st.add("heads", n * H, 0)
             return super().forward(hidden_states, cache=cache, attention_mask=attention_mask,
@@ -90,10 +91,11 @@ class SparseGPT2Attention:
             if p > 0:
                 o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=causal,
                                                    scale=self.scaling)
-                if m.dim() == 2:
-                    o = o * m.index_select(1, heads)[:, :, None, None].to(o.dtype)
+                if m.dim() == 2 or m.is_floating_point():  # per-sample masks, or gate values
+                    g = m.index_select(-1, heads).to(o.dtype)
+                    o = o * (g[:, :, None, None] if g.dim() == 2 else g[None, :, None, None])
             else:
-                hm = torch.ones(K, dtype=torch.bool, device=dev) if m.dim() == 1 else m.index_select(1, heads)
+                hm = m.index_select(-1, heads)  # [K] or [n, K]: bool, or the running heads' gate values
                 o = masked_head_attention(q, k, v, hm, attn_mask=mask, is_causal=causal, scale=self.scaling)
             o = o.transpose(1, 2).reshape(n, T, K * D)
         Wo = self.c_proj.weight.index_select(0, qcols)  # [K*D, E]: the running heads' rows
@@ -105,11 +107,11 @@ class SparseGPT2MLP:
     def forward(self, hidden_states):
         st: LayerState = self._sparse_layer_state
         x = hidden_states
-        a = ffn_call(st, x.shape[0], x.shape[1])
-        if a is None:
+        call = ffn_call(st, x.shape[0], x.shape[1])
+        if call is None:
             return super().forward(x)
         fc, pr = self.c_fc, self.c_proj
-        h = gated_ffn(x, fc.weight.t(), pr.weight, a, b1=fc.bias, b2=pr.bias, activation=self._sparse_act,
+        h = gated_ffn(x, fc.weight.t(), pr.weight, call[0], gate=call[1], b1=fc.bias, b2=pr.bias, activation=self._sparse_act,
                       w2_transposed=True)
         return self.dropout(h)  # GPT-2's MLP dropout is on the output: the same here
 
@@ -121,17 +123,18 @@ class SparseGPT2Block:
         cache = cache if cache is not None else kwargs.pop("past_key_values", None)
         B, T = hidden_states.shape[:2]
         begin_layer(st, B, T)
-        keep = st.keep
+        keep, gate = layer_plan(st, B)
         full = super().forward
         call = dict(cache=cache, attention_mask=attention_mask, encoder_hidden_states=encoder_hidden_states,
                     encoder_attention_mask=encoder_attention_mask, use_cache=use_cache, **kwargs)
-        if keep is None or (keep.dim() == 0 and bool(keep)) or (keep.dim() == 1 and bool(keep.all())):
+        if gate is None and (keep is None or (keep.dim() == 0 and bool(keep))
+                             or (keep.dim() == 1 and bool(keep.all()))):
             st.add("layers", B, B)
             return full(hidden_states, **call)
         if encoder_hidden_states is not None:
             raise NotImplementedError("sparse_ops: layer skipping in GPT-2 blocks with cross-attention is not "
                                       "supported")
-        if keep.dim() == 0 or not bool(keep.any()):
+        if gate is None and (keep.dim() == 0 or not bool(keep.any())):
             st.add("layers", 0, B)
             if cache is not None:
                 self._sparse_append_kv(hidden_states, cache, kwargs)
@@ -150,8 +153,10 @@ class SparseGPT2Block:
             return full(h, cache=inner, attention_mask=am, use_cache=use_cache, **kwargs)
         per = isinstance(attention_mask, torch.Tensor) and attention_mask.shape[0] == B and B > 1
         try:
-            return skip_layer(run, hidden_states, keep, attention_mask, travel=[0] if per else None,
-                              stay=[0] if isinstance(attention_mask, torch.Tensor) and not per else None)
+            y = skip_layer(run, hidden_states, keep, attention_mask, gate=gate, travel=[0] if per else None,
+                           stay=[0] if isinstance(attention_mask, torch.Tensor) and not per else None)
+            # A gate that closed the layer for every sample: its parameters still get (zero) gradients.
+            return zero_grads_for(y, self) if st.rows.numel() == 0 else y
         finally:
             st.rows = None
 

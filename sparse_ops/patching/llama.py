@@ -26,10 +26,11 @@ from __future__ import annotations
 import torch
 
 from ..ops import gated_ffn, masked_head_attention, skip_layer
+from ..ops.layers import zero_grads_for
 from ..ops.head_proj import head_in_proj, head_out_proj
 from . import contextual
-from .state import (ATTR, LayerState, activation_name, begin_layer, convert_layer, converted, ffn_call,
-                    find_layers, heads_of, restore_modules)
+from .state import (ATTR, LayerState, activation_name, active, begin_layer, convert_layer, converted, ffn_call,
+                    find_layers, heads_of, layer_plan, restore_modules)
 
 ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu"}
 
@@ -66,7 +67,7 @@ class SparseLlamaAttention:
         cache = cache if cache is not None else kwargs.pop("past_key_values", None)
         H = st.num_heads
         n, T = hidden_states.shape[:2]
-        if st.heads is None or kwargs.get("output_attentions"):
+        if active(st, "heads") is None or kwargs.get("output_attentions"):
             st.add("heads", n * H, 0)
             return super().forward(hidden_states, position_embeddings, attention_mask, cache=cache, **kwargs)
         m, heads = heads_of(st, n)
@@ -105,7 +106,7 @@ class SparseLlamaAttention:
                 mask = _causal(T, Tk, x.device)
         elif mask.dtype == torch.bool or mask.is_floating_point():
             mask = mask[..., :Tk]
-        hm = torch.ones(K, dtype=torch.bool, device=x.device) if m.dim() == 1 else m.index_select(1, heads)
+        hm = m.index_select(-1, heads)  # [K] or [n, K]: bool, or the running heads' gate values
         p = self.attention_dropout if self.training else 0.0
         if p > 0:
             raise NotImplementedError("sparse_ops: attention dropout in training is not supported by the patched "
@@ -123,11 +124,12 @@ class SparseLlamaMLP:
         st: LayerState = self._sparse_layer_state
         if (st.ffn is None and st.ffn_threshold is not None) or st.ffn_calib is not None:
             return contextual.forward(st, self, x, self._sparse_act)
-        a = ffn_call(st, x.shape[0], x.shape[1])
-        if a is None:
+        call = ffn_call(st, x.shape[0], x.shape[1])
+        if call is None:
             return super().forward(x)
         g, u, dn = self.gate_proj, self.up_proj, self.down_proj
-        return gated_ffn(x, g.weight, dn.weight, a, b1=g.bias, b2=dn.bias, w3=u.weight, activation=self._sparse_act)
+        return gated_ffn(x, g.weight, dn.weight, call[0], gate=call[1], b1=g.bias, b2=dn.bias, w3=u.weight,
+                         activation=self._sparse_act)
 
 
 class SparseLlamaLayer:
@@ -137,14 +139,15 @@ class SparseLlamaLayer:
         cache = cache if cache is not None else kwargs.pop("past_key_values", None)
         B, T = hidden_states.shape[:2]
         begin_layer(st, B, T)
-        keep = st.keep
+        keep, gate = layer_plan(st, B)
         full = super().forward
         call = dict(attention_mask=attention_mask, position_ids=position_ids, cache=cache, use_cache=use_cache,
                     position_embeddings=position_embeddings, **kwargs)
-        if keep is None or (keep.dim() == 0 and bool(keep)) or (keep.dim() == 1 and bool(keep.all())):
+        if gate is None and (keep is None or (keep.dim() == 0 and bool(keep))
+                             or (keep.dim() == 1 and bool(keep.all()))):
             st.add("layers", B, B)
             return full(hidden_states, **call)
-        if keep.dim() == 0 or not bool(keep.any()):
+        if gate is None and (keep.dim() == 0 or not bool(keep.any())):
             st.add("layers", 0, B)
             if cache is not None:
                 self._sparse_append_kv(hidden_states, position_embeddings, cache, kwargs)
@@ -169,8 +172,10 @@ class SparseLlamaLayer:
         travel = [i for i, t in enumerate((attention_mask, cos, sin)) if per(t)]
         stay = [i for i, t in enumerate((attention_mask, cos, sin)) if isinstance(t, torch.Tensor) and i not in travel]
         try:
-            return skip_layer(run, hidden_states, keep, attention_mask, cos, sin, travel=travel or None,
-                              stay=stay or None)
+            y = skip_layer(run, hidden_states, keep, attention_mask, cos, sin, gate=gate, travel=travel or None,
+                           stay=stay or None)
+            # A gate that closed the layer for every sample: its parameters still get (zero) gradients.
+            return zero_grads_for(y, self) if st.rows.numel() == 0 else y
         finally:
             st.rows = None
 

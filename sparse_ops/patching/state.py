@@ -35,6 +35,11 @@ class LayerState:
     ffn_threshold: float | None = None
     ffn_calib: list | None = None
     ffn_down_t: torch.Tensor | None = None
+    # Learned gates (patch(model, gate=...)): the layer's sparse_ops.gates.LayerGates, and what this
+    # forward runs (begin_layer): {"heads", "ffn", "keep"} -> the mask set above combined with the
+    # gate's values (float, exact zeros skipped), or the mask alone where that kind has no gate.
+    gates: object | None = None
+    now: dict | None = None
     # (computed, total) unit pairs of the last forward: (sample, head), (token, column), (sample, layer).
     counts: dict = field(default_factory=lambda: {k: [0, 0] for k in KINDS})
 
@@ -86,10 +91,46 @@ def restore_modules(mods, names=(ATTR, "_sparse_layer_state", "_sparse_act")):
 
 
 def begin_layer(st: LayerState, B: int, T: int):
-    """A layer's forward starts: the batch its modules see, and what a dense forward would compute."""
+    """A layer's forward starts: the batch its modules see, what a dense forward would compute, and
+    (with learned gates) this forward's gate values combined with the masks that are set."""
     st.batch, st.rows = B, None
     st.add("heads", 0, B * st.num_heads)
     st.add("ffn", 0, B * T * st.ffn_size)
+    if st.gates is not None:
+        st.now = {"heads": _gated(st.heads, st.gates.get("heads"), st.num_heads),
+                  "ffn": _gated(st.ffn, st.gates.get("ffn"), st.ffn_size),
+                  "keep": _gated(st.keep, st.gates.get("layer"), None)}
+
+
+def _gated(mask, gate, n):
+    """The mask (bool, or int64 indices when n is given) times the gate's values of this forward."""
+    if gate is None:
+        return mask
+    g = gate()
+    if n is None:  # the layer gate: one value, [] ; a [B] keep mask selects per sample
+        g = g.reshape(())
+    if mask is None:
+        return g
+    if mask.dtype == torch.int64:
+        mask = torch.zeros(n, dtype=torch.bool, device=mask.device).index_fill_(0, mask, True)
+    return torch.where(mask, g, g.new_zeros(()))
+
+
+def active(st: LayerState, kind: str):
+    """What this forward runs of kind ("heads", "ffn", "keep"): None (everything), a bool mask, or
+    float gate values (with learned gates: exact zeros are skipped, the others multiply)."""
+    return st.now[kind] if st.now is not None else getattr(st, kind)
+
+
+def layer_plan(st: LayerState, B: int):
+    """(keep, gate) for the layer's rows: keep None | bool [] | bool [B] as the families take it;
+    gate None, or float [B] (a learned layer gate: the layer then runs through skip_layer with it,
+    y = x + gate * (layer(x) - x), so the gate gets its gradient)."""
+    k = active(st, "keep")
+    if k is None or not k.is_floating_point():
+        return k, None
+    g = k.expand(B) if k.dim() == 0 else k
+    return g != 0, g
 
 
 def runs_whole(keep) -> bool | None:
@@ -106,8 +147,15 @@ def runs_whole(keep) -> bool | None:
 def ffn_active(st: LayerState, n: int, T: int):
     """The FFN mask of this call as gated_ffn takes it (per-sample [B, F] masks expanded over the
     T tokens of each of the n samples), and the (token, column) pairs it runs."""
-    a = st.ffn
+    a = active(st, "ffn")
     F_ = st.ffn_size
+    if a.is_floating_point():  # gate values: [F], [B, F] or [B, T, F] (a per-token mask times a gate)
+        if a.dim() >= 2:
+            a = st.rows_of(a, n)
+            if a.dim() == 2:
+                return a[:, None, :], T * int((a != 0).sum())
+            return a, int((a != 0).sum())
+        return a, n * T * int((a != 0).sum())
     if a.dtype == torch.bool and a.dim() >= 2:
         a = st.rows_of(a, n)
         if a.dim() == 2:  # per sample: the same columns for each of its tokens
@@ -117,14 +165,15 @@ def ffn_active(st: LayerState, n: int, T: int):
 
 
 def ffn_call(st: LayerState, n: int, T: int):
-    """The FFN mask of this call for gated_ffn, or None when no mask is set (the module's own dense
-    FFN runs); either way the (token, column) pairs it runs are counted."""
-    if st.ffn is None:
+    """(active, gate) of this call for gated_ffn (a mask, or gate values with active None), or None
+    when nothing is masked or gated (the module's own dense FFN runs); either way the (token,
+    column) pairs it runs are counted."""
+    if active(st, "ffn") is None:
         st.add("ffn", n * T * st.ffn_size, 0)
         return None
     a, computed = ffn_active(st, n, T)
     st.add("ffn", computed, 0)
-    return a
+    return (None, a) if a.is_floating_point() else (a, None)
 
 
 def find_layers(model, attr: str, is_layer):
@@ -141,16 +190,20 @@ def attend_heads(st: LayerState, w, x, mask4, causal: bool, dropout_p: float):
     shared heads in one pass, per-sample masks in groups), out-projection included; counts the
     (sample, head) pairs it runs."""
     n = x.shape[0]
-    m = st.heads if st.heads.dim() == 1 else st.rows_of(st.heads, n)
-    st.add("heads", n * int(m.sum()) if m.dim() == 1 else int(m.sum()), 0)
-    return forward_sparse(w, x, x, x, m, m, mask4, causal, dropout_p, "auto")
+    h = active(st, "heads")
+    m = h if h.dim() == 1 else st.rows_of(h, n)
+    on = m != 0 if m.is_floating_point() else m
+    st.add("heads", n * int(on.sum()) if on.dim() == 1 else int(on.sum()), 0)
+    return forward_sparse(w, x, x, x, m, on, mask4, causal, dropout_p, "auto")
 
 
 def heads_of(st: LayerState, n: int):
-    """(m, heads): this call's head mask ([H], or [n, H] for its samples) and the sorted heads that run
-    for at least one of them."""
-    m = st.heads if st.heads.dim() == 1 else st.rows_of(st.heads, n)
-    union = m if m.dim() == 1 else m.any(0)
+    """(m, heads): this call's head mask ([H], or [n, H] for its samples; bool, or float gate values)
+    and the sorted heads that run for at least one of them."""
+    h = active(st, "heads")
+    m = h if h.dim() == 1 else st.rows_of(h, n)
+    on = m != 0 if m.is_floating_point() else m
+    union = on if on.dim() == 1 else on.any(0)
     return m, torch.nonzero(union).flatten()
 
 

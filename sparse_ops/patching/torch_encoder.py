@@ -21,7 +21,9 @@ from torch import nn
 from ..nn.attention_masks import attention_mask_4d
 from ..nn.attention_paths import Weights
 from ..ops import gated_ffn, skip_layer
-from .state import ATTR, LayerState, attend_heads, begin_layer, converted, ffn_active, restore_modules
+from ..ops.layers import zero_grads_for
+from .state import (ATTR, LayerState, active, attend_heads, begin_layer, converted, ffn_active, layer_plan,
+                    restore_modules)
 
 WHO = "sparse_ops.patch"
 
@@ -63,9 +65,10 @@ class SparseEncoderLayer:
                 src_key_padding_mask = src_key_padding_mask.unsqueeze(0)
         B, T = x.shape[0], x.shape[1]
         begin_layer(st, B, T)
-        keep = st.keep
+        keep, gate = layer_plan(st, B)
         body = self._sparse_body
-        if keep is None or (keep.dim() == 0 and bool(keep)) or (keep.dim() == 1 and bool(keep.all())):
+        if gate is None and (keep is None or (keep.dim() == 0 and bool(keep))
+                             or (keep.dim() == 1 and bool(keep.all()))):
             st.add("layers", B, B)
             y = body(x, src_mask, src_key_padding_mask, is_causal)
         elif keep.dim() == 0:
@@ -79,7 +82,9 @@ class SparseEncoderLayer:
             st.add("layers", st.rows.numel(), B)
             try:
                 y = skip_layer(lambda xb, kpm: body(xb, src_mask, kpm, is_causal), x, keep, src_key_padding_mask,
-                               travel=[0] if src_key_padding_mask is not None else None)
+                               gate=gate, travel=[0] if src_key_padding_mask is not None else None)
+                if st.rows.numel() == 0:  # closed for every sample: the parameters still get (zero) gradients
+                    y = zero_grads_for(y, self)
             finally:
                 st.rows = None
         if not batched:
@@ -98,7 +103,7 @@ class SparseEncoderLayer:
         mha = self.self_attn
         H = mha.num_heads
         n, T = x.shape[0], x.shape[1]
-        if st.heads is None:
+        if active(st, "heads") is None:
             st.add("heads", n * H, 0)
             xi = x if mha.batch_first else x.transpose(0, 1)
             o = mha(xi, xi, xi, attn_mask=attn_mask, key_padding_mask=kpm, need_weights=False, is_causal=is_causal)[0]
@@ -111,15 +116,14 @@ class SparseEncoderLayer:
         st: LayerState = getattr(self, ATTR)
         n, T = x.shape[0], x.shape[1]
         F_ = st.ffn_size
-        if st.ffn is None:
+        a = active(st, "ffn")
+        if a is None:
             st.add("ffn", n * T * F_, 0)
             return self._ff_block(x)
-        a = st.ffn
-        per_sample = a.dtype == torch.bool and a.dim() >= 2
-        if per_sample:
+        if (a.dtype == torch.bool or a.is_floating_point()) and a.dim() >= 2:  # per sample or per token
             a = st.rows_of(a, n)
         if self.training and self.dropout.p > 0:
-            # Hidden dropout cannot run inside gated_ffn: dense, with the mask multiplied in.
+            # Hidden dropout cannot run inside gated_ffn: dense, with the mask (or gate) multiplied in.
             st.add("ffn", n * T * F_, 0)
             if a.dtype == torch.int64:
                 a = torch.zeros(F_, dtype=torch.bool, device=x.device).index_fill_(0, a, True)
@@ -129,7 +133,9 @@ class SparseEncoderLayer:
         a, computed = ffn_active(st, n, T)
         st.add("ffn", computed, 0)
         l1, l2 = self.linear1, self.linear2
-        return self.dropout2(gated_ffn(x, l1.weight, l2.weight, a, b1=l1.bias, b2=l2.bias, activation=self._sparse_act))
+        act, g = (None, a) if a.is_floating_point() else (a, None)
+        return self.dropout2(gated_ffn(x, l1.weight, l2.weight, act, gate=g, b1=l1.bias, b2=l2.bias,
+                                       activation=self._sparse_act))
 
 
 def convert(model, layers, heads: bool, ffn: bool, layer_skip: bool):
