@@ -288,7 +288,10 @@ def budget_loss(model, *, heads=None, ffn=None, layers=None, step=None, warmup_s
         loss = term if loss is None else loss + term
     if loss is None:
         raise ValueError("sparse_ops.gates.budget_loss: give at least one target (heads=, ffn= or layers=)")
-    return loss
+    # The multipliers of kinds without a target join with weight 0, so that every parameter gets a
+    # gradient (DistributedDataParallel without find_unused_parameters).
+    unused = [getattr(mult, f"{k}_lambda") for k, t in targets.items() if t is None]
+    return loss + sum(u.sum() for u in unused) * 0.0 if unused else loss
 
 
 __all__ = ["ste_threshold", "ste_topk", "gumbel_gate", "HardConcrete", "UnitGate", "LayerGates", "keep_fractions",

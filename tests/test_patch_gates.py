@@ -329,3 +329,67 @@ def test_gate_errors_name_the_problem():
         budget_loss(m)
     with pytest.raises(ValueError, match="step must be"):
         budget_loss(m, heads=0.5, warmup_steps=10)
+
+
+def test_deepcopy_of_a_gated_model_is_independent():
+    a = small("bert").eval()
+    sparse_ops.patch(a, gate="hard_concrete")
+    ids, am = batch()
+    with torch.no_grad():
+        ref = output("bert", a, ids, am)
+    b = copy.deepcopy(a)
+    with torch.no_grad():
+        output("bert", b, ids, am)
+        out = output("bert", b, ids, am)  # counts restart at each forward of the copy too
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    assert sparse_ops.stats(b) == sparse_ops.stats(a)
+    assert b.encoder.layer[0]._sparse_state.gates is b.encoder.layer[0].sparse_gates
+    sparse_ops.unpatch(b)
+    assert type(a.encoder.layer[0]).__name__.startswith("Sparse") and not hasattr(b, "_sparse_patch")
+    with torch.no_grad():
+        torch.testing.assert_close(output("bert", a, ids, am), ref, rtol=0, atol=0)
+
+
+def _ddp_worker(rank, world, init_file, family, result_file):
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        model = small(family).train()
+        sparse_ops.patch(model, gate={"heads": ("topk", 0.5), "ffn": "threshold", "layers": "threshold"})
+        layers = [l for l, _, _ in parts(family, model)[0]]
+        with torch.no_grad():
+            layers[1].sparse_gates.layer.score.fill_(-1.0)  # layer 1 closed for every sample
+            layers[0].sparse_gates.ffn.score[::2] = -1.0     # half of layer 0's columns closed
+        budget_loss(model, ffn=0.5)  # the multipliers exist before DDP wraps the model
+        ddp = DDP(model)  # find_unused_parameters=False (the default)
+        opt = torch.optim.SGD(ddp.parameters(), lr=0.01)
+        for step in range(3):
+            ids, am = batch(B=2, seed=10 * rank + step)
+            out = ddp(input_ids=ids, attention_mask=am)
+            out = out.last_hidden_state + out.pooler_output[:, None] if family == "bert" else out.logits
+            loss = out.square().mean() + budget_loss(model, ffn=0.5)  # heads / layers multipliers unused
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        flat = torch.cat([p.detach().flatten() for p in model.parameters()])
+        gathered = [torch.empty_like(flat) for _ in range(world)]
+        dist.all_gather(gathered, flat)
+        if rank == 0:
+            torch.save({"same": bool(torch.equal(gathered[0], gathered[1])),
+                        "layers": sparse_ops.stats(model)["layers"]}, result_file)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_gate_training_under_ddp_without_find_unused_parameters(family, tmp_path):
+    """Two processes (gloo): a closed layer and closed units still give every parameter a gradient,
+    so DistributedDataParallel needs no find_unused_parameters, and the replicas stay equal."""
+    import torch.multiprocessing as mp
+    res = tmp_path / "result.pt"
+    mp.start_processes(_ddp_worker, args=(2, str(tmp_path / "init"), family, str(res)), nprocs=2, join=True,
+                       start_method="fork")
+    r = torch.load(res)
+    assert r["same"] and r["layers"] == pytest.approx(2 / 3)

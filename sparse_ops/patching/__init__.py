@@ -62,9 +62,12 @@ def patch(model, *, heads=True, ffn=True, layers=True, gate=None):
             # decoder stack: also when it is called directly, e.g. model.model(...)).
             owner = next((m for m in model.modules() for c in m.children()
                           if isinstance(c, torch.nn.ModuleList) and len(c) and c[0] is found[0]), model)
-            hook = owner.register_forward_pre_hook(_reset_counts(states))
-            model._sparse_patch = {"family": family, "module": mod, "layers": found, "states": states,
-                                   "hook": hook, "parts": parts}
+            # The hook reads the states from its module (not a closure), so a copy.deepcopy of the
+            # patched model resets its own states' counts.
+            owner._sparse_states = states
+            hook = owner.register_forward_pre_hook(_reset_counts)
+            model._sparse_patch = {"family": family, "module": mod.__name__, "layers": found, "states": states,
+                                   "hook": hook, "parts": parts, "owner": owner}
             if spec is not None:
                 gating.attach(found, states, spec)
             return model
@@ -74,11 +77,15 @@ def patch(model, *, heads=True, ffn=True, layers=True, gate=None):
                     f"{', '.join(names)}")
 
 
-def _reset_counts(states):
-    def hook(module, args):  # returns None: the forward's arguments stay as they are
-        for st in states:
-            st.reset_counts()
-    return hook
+def _reset_counts(module, args):  # a forward pre-hook; returns None: the arguments stay as they are
+    for st in module._sparse_states:
+        st.reset_counts()
+
+
+def _family(p):
+    """The patching module of a patched model's family (stored by name: a deepcopy of the model
+    copies the record, and modules cannot be copied)."""
+    return next(mod for _, mod in _FAMILIES if mod.__name__ == p["module"])
 
 
 def _check_mask(name, t, allowed, dims_text):
@@ -152,7 +159,7 @@ def clear_masks(model):
 
 def _contextual_model(model, who):
     p = _states(model, who)
-    if p["module"] is not llama:
+    if _family(p) is not llama:
         raise TypeError(f"sparse_ops.{who}: contextual FFN sparsity needs a gated (SwiGLU) MLP, as in LLaMA-family "
                         f"decoders; this model was patched as {p['family']}")
     if not p["parts"]["ffn"]:
@@ -200,8 +207,9 @@ def unpatch(model):
     """The original module classes back; the weights were never copied, so they are the same."""
     p = _states(model, "unpatch")
     gating.detach(p["layers"], p["states"])
-    p["module"].restore(p["layers"], model)
+    _family(p).restore(p["layers"], model)
     p["hook"].remove()
+    p["owner"].__dict__.pop("_sparse_states", None)
     del model._sparse_patch
     return model
 
