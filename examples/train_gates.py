@@ -146,7 +146,7 @@ def time_rounds(fns: dict, rounds: int):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="a short run (batch 16 x 64, 60 steps): < 3 minutes")
+    ap.add_argument("--quick", action="store_true", help="a short run (batch 16 x 48, 100 steps): < 3 minutes")
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--batch", type=int, default=None)
     ap.add_argument("--seq", type=int, default=None)
@@ -156,9 +156,12 @@ def main():
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--heldout", type=int, default=None, help="use only the first N held-out sentences")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--gate-lr", type=float, default=0.1, help="Adam lr of the gates")
+    ap.add_argument("--lambda-lr", type=float, default=0.03, help="Adam lr of the budget's multipliers")
+    ap.add_argument("--lr", type=float, default=5e-5, help="AdamW lr of the model's weights")
     a = ap.parse_args()
-    steps = a.steps or (60 if a.quick else 400)
-    B, T = a.batch or (16 if a.quick else 32), a.seq or (64 if a.quick else 128)
+    steps = a.steps or (100 if a.quick else 400)
+    B, T = a.batch or (16 if a.quick else 32), a.seq or (48 if a.quick else 128)
     rounds = a.rounds or (3 if a.quick else 5)
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -172,12 +175,16 @@ def main():
     held = held[:a.heldout] if a.heldout else held
     student = sparse_ops.patch(copy.deepcopy(teacher).requires_grad_(True).train(), gate="hard_concrete")
     budget_loss(student, heads=a.heads, ffn=a.ffn, step=0, warmup_steps=1)  # makes the multipliers
-    gate_p = [p for n, p in student.named_parameters() if "sparse_gates" in n]
+    # A layer gate moves all of its layer's heads and columns at once: it learns 10x slower than
+    # the unit gates, or the budget's pressure closes whole layers first.
+    gate_p = [p for n, p in student.named_parameters() if "sparse_gates" in n and "sparse_gates.layer." not in n]
+    layer_p = [p for n, p in student.named_parameters() if "sparse_gates.layer." in n]
     weights = [p for n, p in student.named_parameters() if "sparse_gates" not in n and "sparse_budget" not in n]
-    opt = torch.optim.AdamW([{"params": weights, "lr": 5e-5},
-                             {"params": gate_p, "lr": 0.05, "weight_decay": 0.0},
-                             {"params": student.sparse_budget.parameters(), "lr": 0.05, "weight_decay": 0.0}])
-    warm = max(1, int(steps * 0.6))
+    opt = torch.optim.AdamW([{"params": weights, "lr": a.lr},
+                             {"params": gate_p, "lr": a.gate_lr, "weight_decay": 0.0},
+                             {"params": layer_p, "lr": a.gate_lr / 10, "weight_decay": 0.0},
+                             {"params": student.sparse_budget.parameters(), "lr": a.lambda_lr, "weight_decay": 0.0}])
+    warm = max(1, int(steps * 0.5))
     data = batches(train, tok, B, T, rng)
     bar = tqdm(range(steps), desc="gate training", unit="step")
     for i in bar:
