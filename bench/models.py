@@ -376,7 +376,7 @@ def _minilm_gate_cases(transformers, path, enc):
                                  f"mask-multiply reference's {b.item()}")
 
     yield {"op": "models", "case": "gate training step, L0 50% heads+ffn", "device": "cpu", "dtype": "float32",
-           "shape": f"MiniLM-L6 B={B} T={T}", "keep": 0.5, "backend": "auto", "ideal": 2.0,
+           "shape": f"MiniLM-L6 B={B} T={T}", "keep": 0.5, "backend": "auto", "ideal": 2.0, "train": True,
            "note": "dense = dense fine-tuning; masked = the same gates by mask multiplication (CoFi)",
            "fns": {"dense": stepper(dense, lambda: loss_of(dense)), "masked": stepper(plain, cofi_forward, gate_params),
                    "sparse": stepper(gated, lambda: loss_of(gated))},
