@@ -544,3 +544,28 @@ def test_full_output_per_token_and_without_a_tuple():
     lin = nn.Linear(5, 5)
     (only,) = sparse_ops.skip_layer(lin, x, keep, full_output=True)  # a tensor layer: (y,)
     torch.testing.assert_close(only, sparse_ops.skip_layer(lin, x, keep))
+
+
+def test_skiplayer_is_transparent_to_its_layer():
+    torch.manual_seed(0)
+    enc = torch.nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+    sl = SkipLayer(enc)
+    assert sl.self_attn is enc.self_attn and sl.linear1.out_features == 16  # attributes are the layer's
+    assert set(sl.state_dict()) == set(enc.state_dict())                    # no "layer." prefix
+    twin = torch.nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+    SkipLayer(twin).load_state_dict(enc.state_dict())                       # a bare layer's checkpoint loads
+    assert all(torch.equal(a, b) for a, b in zip(twin.state_dict().values(), enc.state_dict().values()))
+    seq = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU())
+    ss = SkipLayer(seq)
+    assert ss[0] is seq[0] and len(ss) == 2                                 # indexing and len
+    learned = SkipLayer(torch.nn.Linear(4, 4), gate="learned", d_model=4)
+    keys = set(learned.state_dict())
+    assert keys == {"weight", "bias", "score.weight", "score.bias"}
+    other = SkipLayer(torch.nn.Linear(4, 4), gate="learned", d_model=4)
+    other.load_state_dict(learned.state_dict())
+    assert torch.equal(other.layer.weight, learned.layer.weight) and torch.equal(other.score.bias, learned.score.bias)
+    with pytest.raises(AttributeError):
+        sl.no_such_attribute
+    outer = torch.nn.ModuleDict({"block": SkipLayer(torch.nn.Linear(4, 4))})  # nested: prefixes kept
+    assert set(outer.state_dict()) == {"block.weight", "block.bias"}
+    outer.load_state_dict(outer.state_dict())

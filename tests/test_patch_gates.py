@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import copy
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -350,46 +352,60 @@ def test_deepcopy_of_a_gated_model_is_independent():
         torch.testing.assert_close(output("bert", a, ids, am), ref, rtol=0, atol=0)
 
 
-def _ddp_worker(rank, world, init_file, family, result_file):
-    import torch.distributed as dist
-    from torch.nn.parallel import DistributedDataParallel as DDP
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        model = small(family).train()
-        sparse_ops.patch(model, gate={"heads": ("topk", 0.5), "ffn": "threshold", "layers": "threshold"})
-        layers = [l for l, _, _ in parts(family, model)[0]]
-        with torch.no_grad():
-            layers[1].sparse_gates.layer.score.fill_(-1.0)  # layer 1 closed for every sample
-            layers[0].sparse_gates.ffn.score[::2] = -1.0     # half of layer 0's columns closed
-        budget_loss(model, ffn=0.5)  # the multipliers exist before DDP wraps the model
-        ddp = DDP(model)  # find_unused_parameters=False (the default)
-        opt = torch.optim.SGD(ddp.parameters(), lr=0.01)
-        for step in range(3):
-            ids, am = batch(B=2, seed=10 * rank + step)
-            out = ddp(input_ids=ids, attention_mask=am)
-            out = out.last_hidden_state + out.pooler_output[:, None] if family == "bert" else out.logits
-            loss = out.square().mean() + budget_loss(model, ffn=0.5)  # heads / layers multipliers unused
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        flat = torch.cat([p.detach().flatten() for p in model.parameters()])
-        gathered = [torch.empty_like(flat) for _ in range(world)]
-        dist.all_gather(gathered, flat)
-        if rank == 0:
-            torch.save({"same": bool(torch.equal(gathered[0], gathered[1])),
-                        "layers": sparse_ops.stats(model)["layers"]}, result_file)
-    finally:
-        dist.destroy_process_group()
+_DDP_GATES = r"""
+import os, sys, torch, torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+sys.path.insert(0, sys.argv[4])
+sys.path.insert(0, os.path.join(sys.argv[4], "tests"))
+import sparse_ops
+from sparse_ops.gates import budget_loss
+from test_patch_gates import batch, parts, small
+rank, world, family = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+torch.set_num_threads(1)
+dist.init_process_group("gloo", rank=rank, world_size=world)
+model = small(family).train()
+sparse_ops.patch(model, gate={"heads": ("topk", 0.5), "ffn": "threshold", "layers": "threshold"})
+layers = [l for l, _, _ in parts(family, model)[0]]
+with torch.no_grad():
+    layers[1].sparse_gates.layer.score.fill_(-1.0)  # layer 1 closed for every sample
+    layers[0].sparse_gates.ffn.score[::2] = -1.0     # half of layer 0's columns closed
+budget_loss(model, ffn=0.5)  # the multipliers exist before DDP wraps the model
+ddp = DDP(model)  # find_unused_parameters=False (the default)
+opt = torch.optim.SGD(ddp.parameters(), lr=0.01)
+for step in range(3):
+    ids, am = batch(B=2, seed=10 * rank + step)
+    out = ddp(input_ids=ids, attention_mask=am)
+    out = out.last_hidden_state + out.pooler_output[:, None] if family == "bert" else out.logits
+    loss = out.square().mean() + budget_loss(model, ffn=0.5)  # the heads / layers multipliers: unused
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+flat = torch.cat([p.detach().flatten() for p in model.parameters()])
+gathered = [torch.empty_like(flat) for _ in range(world)]
+dist.all_gather(gathered, flat)
+print("same", bool(torch.equal(gathered[0], gathered[1])), "layers", sparse_ops.stats(model)["layers"])
+dist.destroy_process_group()
+"""
 
 
 @pytest.mark.parametrize("family", ["bert", "llama"])
 def test_gate_training_under_ddp_without_find_unused_parameters(family, tmp_path):
-    """Two processes (gloo): a closed layer and closed units still give every parameter a gradient,
-    so DistributedDataParallel needs no find_unused_parameters, and the replicas stay equal."""
-    import torch.multiprocessing as mp
-    res = tmp_path / "result.pt"
-    mp.start_processes(_ddp_worker, args=(2, str(tmp_path / "init"), family, str(res)), nprocs=2, join=True,
-                       start_method="fork")
-    r = torch.load(res)
-    assert r["same"] and r["layers"] == pytest.approx(2 / 3)
+    """Two processes (gloo, fresh interpreters): a closed layer and closed units still give every
+    parameter a gradient, so DistributedDataParallel needs no find_unused_parameters (it raises at
+    the next step otherwise), and the replicas stay equal."""
+    script = tmp_path / "ddp_gates.py"
+    script.write_text(_DDP_GATES)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29700 + os.getpid() % 200 + len(family)),
+               HF_HUB_OFFLINE="1")
+    procs = [subprocess.Popen([sys.executable, str(script), str(r), "2", family, root], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    try:
+        outs = [p.communicate(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    fields = outs[0][0].split()
+    assert fields[:2] == ["same", "True"] and float(fields[3]) == pytest.approx(2 / 3), outs[0][0]

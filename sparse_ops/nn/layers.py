@@ -13,6 +13,21 @@ from ..ops.layers import skip_layer
 _SKIP_GATES = ("none", "learned")
 
 
+def _unprefix_layer(module, state_dict, prefix, local_metadata):
+    """SkipLayer's state_dict: the wrapped layer's keys without `layer.`."""
+    inner = prefix + "layer."
+    for k in [k for k in state_dict if k.startswith(inner)]:
+        state_dict[prefix + k[len(inner):]] = state_dict.pop(k)
+
+
+def _prefix_layer(module, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
+    """Loading: the keys that are not SkipLayer's own (score.*) belong to the wrapped layer."""
+    own = prefix + "score."
+    for k in [k for k in state_dict if k.startswith(prefix) and not k.startswith(own)
+              and not k.startswith(prefix + "layer.")]:
+        state_dict[prefix + "layer." + k[len(prefix):]] = state_dict.pop(k)
+
+
 class SkipLayer(nn.Module):
     """Wraps a layer so that samples (or tokens) it is told to skip are never fed to it.
 
@@ -20,6 +35,10 @@ class SkipLayer(nn.Module):
     shaped like keep (y = x + gate * (layer(x) - x), a zero gate skips). With gate='learned' a
     per-sample gate is learned: a linear score of the mean-pooled input through a straight-through
     threshold (hard 0/1 forward, sigmoid gradient), so samples the gate closes skip the layer.
+    Transparent to the wrapped layer: attributes it does not have itself are the layer's
+    (`skip.self_attn`), indexing and len() go to the layer, and state_dict keys are the layer's own
+    (no `layer.` prefix; the learned gate's are `score.*`), so a checkpoint of the bare layer loads
+    into the wrapper and back.
     """
 
     def __init__(self, layer: nn.Module, gate: str = "none", d_model: int | None = None,
@@ -39,6 +58,22 @@ class SkipLayer(nn.Module):
             self.score = nn.Linear(d_model, 1)
             nn.init.zeros_(self.score.weight)
             nn.init.constant_(self.score.bias, 1.0)  # starts open
+        self.register_state_dict_post_hook(_unprefix_layer)
+        self.register_load_state_dict_pre_hook(_prefix_layer)
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "layer":
+                raise
+            return getattr(super().__getattr__("layer"), name)
+
+    def __getitem__(self, idx):
+        return self.layer[idx]
+
+    def __len__(self):
+        return len(self.layer)
 
     def learned_gate(self, x: torch.Tensor) -> torch.Tensor | None:
         if self.gate_kind != "learned":

@@ -7,6 +7,9 @@ layers are not computed.
   unpatch(model) -> model            the original module classes, the same weights
   stats(model) -> {"heads": f, "ffn": f, "layers": f}
   calibrate_contextual_ffn(model, batches, *, sparsity=0.5, transposed_down=False) -> thresholds
+  layer_dropout(model, p, *, scaling="uniform", per_sample=True, generator=None) -> [p per layer]
+                                     LayerDrop in training (each sample really skips the layers it
+                                     drops); p=None turns it off
   set_contextual_ffn(model, thresholds, *, transposed_down=False)
                                      contextual (CATS-style) FFN sparsity of LLaMA-family MLPs
                                      (patching/contextual.py); clear_masks turns it off
@@ -25,6 +28,8 @@ the same batch computes. Samples a layer skipped count as computing none of its 
 the rows' own columns.)
 """
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -203,6 +208,45 @@ def set_contextual_ffn(model, thresholds, *, transposed_down=False):
     contextual.set_thresholds(p["states"], [layer.mlp for layer in p["layers"]], thresholds, transposed_down)
 
 
+LAYER_DROP_SCALINGS = ("uniform", "linear", "exp", "log", "sin")
+
+
+def _drop_scale(kind: str, i: int, L: int) -> float:
+    """The share of the largest probability layer i (of L) gets: uniform 1; the others grow from 0
+    at the first layer to 1 at the last (as torchtune's layer-dropout scalings)."""
+    if kind == "uniform" or L == 1:
+        return 1.0
+    x = i / (L - 1)
+    return {"linear": x, "exp": 2.0 ** x - 1.0, "log": math.log(i + 1) / math.log(L),
+            "sin": math.sin(0.5 * math.pi * x)}[kind]
+
+
+def layer_dropout(model, p, *, scaling="uniform", per_sample=True, generator=None):
+    """LayerDrop on a patched model: in training, layer i is skipped with probability
+    p * scale(i) (scaling: "uniform" | "linear" | "exp" | "log" | "sin", growing with depth), drawn
+    per sample (per_sample=True: a dropped sample is not computed by that layer, the others run
+    through skip_layer) or once for the batch (fairseq's LayerDrop). p = 1 is allowed. generator: a
+    torch.Generator (CPU) for reproducible drops. In eval nothing is dropped; to prune layers at
+    inference (e.g. every other one) set a layers mask: set_masks(model, layers=...). p=None or 0
+    turns it off. Returns the per-layer probabilities."""
+    states = _states(model, "layer_dropout")["states"]
+    if not _states(model, "layer_dropout")["parts"]["layers"]:
+        raise ValueError("sparse_ops.layer_dropout: the model was patched with layers=False")
+    if p is None:
+        p = 0.0
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
+        raise ValueError(f"sparse_ops.layer_dropout: p must be a probability in [0, 1] or None; got {p!r}")
+    if scaling not in LAYER_DROP_SCALINGS:
+        raise ValueError(f"sparse_ops.layer_dropout: scaling must be one of {LAYER_DROP_SCALINGS}; got {scaling!r}")
+    if generator is not None and (not isinstance(generator, torch.Generator) or generator.device.type != "cpu"):
+        raise ValueError(f"sparse_ops.layer_dropout: generator must be a CPU torch.Generator or None; got {generator!r}")
+    L = len(states)
+    probs = [float(p) * _drop_scale(scaling, st.index, L) for st in states]
+    for st, q in zip(states, probs):
+        st.drop_p, st.drop_per_sample, st.drop_gen = q, bool(per_sample), generator
+    return probs
+
+
 def unpatch(model):
     """The original module classes back; the weights were never copied, so they are the same."""
     p = _states(model, "unpatch")
@@ -225,4 +269,5 @@ def stats(model):
 
 
 __all__ = ["patch", "set_masks", "clear_masks", "unpatch", "stats", "calibrate_contextual_ffn", "set_contextual_ffn",
+           "layer_dropout",
            "LayerState", "ATTR"]

@@ -23,6 +23,7 @@ import torch
 
 from ..nn.attention_paths import Weights
 from ..ops import gated_ffn, skip_layer
+from ..ops.layers import zero_grads_for
 from .state import (ATTR, LayerState, activation_name, active, attend_heads, begin_layer, convert_layer, converted,
                     ffn_call, find_layers, layer_plan, restore_modules)
 
@@ -83,7 +84,8 @@ class SparseBertLayer:
     def forward(self, hidden_states, attention_mask=None, *args, **kwargs):
         st: LayerState = getattr(self, ATTR)
         B = hidden_states.shape[0]
-        begin_layer(st, B, hidden_states.shape[1] if hidden_states.dim() == 3 else 1)
+        T = hidden_states.shape[1] if hidden_states.dim() == 3 else 1
+        begin_layer(st, B, T, self.training, hidden_states.device)
         keep, gate = layer_plan(st, B)
         full = super().forward
         if gate is None and (keep is None or (keep.dim() == 1 and bool(keep.all()))):
@@ -94,7 +96,7 @@ class SparseBertLayer:
                 st.add("layers", B, B)
                 return full(hidden_states, attention_mask, *args, **kwargs)
             st.add("layers", 0, B)
-            return hidden_states
+            return zero_grads_for(hidden_states, self)  # the parameters get zero gradients, not None
         if keep.shape[0] != B:
             raise ValueError(f"sparse_ops: layer {st.index}: the layers mask was set for batch {keep.shape[0]}; "
                              f"this forward has batch {B}")

@@ -122,7 +122,7 @@ class SparseGPT2Block:
         st: LayerState = getattr(self, ATTR)
         cache = cache if cache is not None else kwargs.pop("past_key_values", None)
         B, T = hidden_states.shape[:2]
-        begin_layer(st, B, T)
+        begin_layer(st, B, T, self.training, hidden_states.device)
         keep, gate = layer_plan(st, B)
         full = super().forward
         call = dict(cache=cache, attention_mask=attention_mask, encoder_hidden_states=encoder_hidden_states,
@@ -138,7 +138,7 @@ class SparseGPT2Block:
             st.add("layers", 0, B)
             if cache is not None:
                 self._sparse_append_kv(hidden_states, cache, kwargs)
-            return hidden_states
+            return zero_grads_for(hidden_states, self)  # the parameters get zero gradients, not None
         if keep.shape[0] != B:
             raise ValueError(f"sparse_ops: layer {st.index}: the layers mask was set for batch {keep.shape[0]}; "
                              f"this forward has batch {B}")

@@ -138,7 +138,7 @@ class SparseLlamaLayer:
         st: LayerState = getattr(self, ATTR)
         cache = cache if cache is not None else kwargs.pop("past_key_values", None)
         B, T = hidden_states.shape[:2]
-        begin_layer(st, B, T)
+        begin_layer(st, B, T, self.training, hidden_states.device)
         keep, gate = layer_plan(st, B)
         full = super().forward
         call = dict(attention_mask=attention_mask, position_ids=position_ids, cache=cache, use_cache=use_cache,
@@ -151,7 +151,7 @@ class SparseLlamaLayer:
             st.add("layers", 0, B)
             if cache is not None:
                 self._sparse_append_kv(hidden_states, position_embeddings, cache, kwargs)
-            return hidden_states
+            return zero_grads_for(hidden_states, self)  # the parameters get zero gradients, not None
         if keep.shape[0] != B:
             raise ValueError(f"sparse_ops: layer {st.index}: the layers mask was set for batch {keep.shape[0]}; "
                              f"this forward has batch {B}")

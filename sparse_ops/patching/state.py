@@ -40,6 +40,11 @@ class LayerState:
     # gate's values (float, exact zeros skipped), or the mask alone where that kind has no gate.
     gates: object | None = None
     now: dict | None = None
+    # LayerDrop (patching.layer_dropout): in training, each sample (or the whole batch) skips this
+    # layer with probability drop_p, drawn from drop_gen (None: torch's default generator).
+    drop_p: float = 0.0
+    drop_per_sample: bool = True
+    drop_gen: object | None = None
     # (computed, total) unit pairs of the last forward: (sample, head), (token, column), (sample, layer).
     counts: dict = field(default_factory=lambda: {k: [0, 0] for k in KINDS})
 
@@ -90,16 +95,26 @@ def restore_modules(mods, names=(ATTR, "_sparse_layer_state", "_sparse_act")):
                 delattr(mod, nm)
 
 
-def begin_layer(st: LayerState, B: int, T: int):
+def begin_layer(st: LayerState, B: int, T: int, training: bool = False, device=None):
     """A layer's forward starts: the batch its modules see, what a dense forward would compute, and
-    (with learned gates) this forward's gate values combined with the masks that are set."""
+    what this forward runs: the masks that are set, with (in training) this forward's LayerDrop
+    draw and (with learned gates) the gates' values combined in (st.now)."""
     st.batch, st.rows = B, None
     st.add("heads", 0, B * st.num_heads)
     st.add("ffn", 0, B * T * st.ffn_size)
+    keep = st.keep
+    dropping = training and st.drop_p > 0.0
+    if dropping:
+        n = B if st.drop_per_sample else 1
+        drawn = torch.rand(n, generator=st.drop_gen) >= st.drop_p  # on the CPU: the generator's device
+        drawn = drawn.to(device).expand(B)
+        keep = drawn if keep is None else keep & drawn
     if st.gates is not None:
         st.now = {"heads": _gated(st.heads, st.gates.get("heads"), st.num_heads),
                   "ffn": _gated(st.ffn, st.gates.get("ffn"), st.ffn_size),
-                  "keep": _gated(st.keep, st.gates.get("layer"), None)}
+                  "keep": _gated(keep, st.gates.get("layer"), None)}
+    else:
+        st.now = {"heads": st.heads, "ffn": st.ffn, "keep": keep} if dropping else None
 
 
 def _gated(mask, gate, n):

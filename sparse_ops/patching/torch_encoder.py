@@ -64,7 +64,7 @@ class SparseEncoderLayer:
             if src_key_padding_mask is not None:
                 src_key_padding_mask = src_key_padding_mask.unsqueeze(0)
         B, T = x.shape[0], x.shape[1]
-        begin_layer(st, B, T)
+        begin_layer(st, B, T, self.training, x.device)
         keep, gate = layer_plan(st, B)
         body = self._sparse_body
         if gate is None and (keep is None or (keep.dim() == 0 and bool(keep))
@@ -73,7 +73,7 @@ class SparseEncoderLayer:
             y = body(x, src_mask, src_key_padding_mask, is_causal)
         elif keep.dim() == 0:
             st.add("layers", 0, B)
-            y = x
+            y = zero_grads_for(x, self)  # the parameters get zero gradients, not None
         else:
             if keep.shape[0] != B:
                 raise ValueError(f"sparse_ops: layer {st.index}: the layers mask was set for batch {keep.shape[0]}; "
