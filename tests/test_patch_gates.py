@@ -409,3 +409,38 @@ def test_gate_training_under_ddp_without_find_unused_parameters(family, tmp_path
         assert p.returncode == 0, err[-3000:]
     fields = outs[0][0].split()
     assert fields[:2] == ["same", "True"] and float(fields[3]) == pytest.approx(2 / 3), outs[0][0]
+
+
+@pytest.mark.parametrize("kind", ["threshold", "topk"])
+def test_gate_training_under_torch_compile_equals_eager(kind):
+    """torch.compile(model) (aot_eager: the compiled forward and backward; value-dependent
+    planning breaks the graph, it does not fail): two training steps of a gated model, the
+    outputs, the gate and weight gradients, and the budget equal eager's."""
+    def steps(compiled):
+        torch._dynamo.reset()
+        model = small("bert").train()
+        sparse_ops.patch(model, gate=kind)
+        with torch.no_grad():
+            model.encoder.layer[0].sparse_gates.heads.score.copy_(torch.tensor([1.0, -1.0, 0.5, -0.5]))
+        budget_loss(model, heads=0.5)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        run = torch.compile(model, backend="aot_eager") if compiled else model
+        outs = []
+        for step in range(2):
+            ids, am = batch(seed=step)
+            out = run(input_ids=ids, attention_mask=am).last_hidden_state
+            loss = (out * am[..., None]).square().mean() + budget_loss(model, heads=0.5)
+            opt.zero_grad()
+            loss.backward()
+            outs.append(out.detach())
+            grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+            opt.step()
+        return outs, grads, sparse_ops.stats(model)
+    eo, eg, es = steps(False)
+    co, cg, cs = steps(True)
+    for a, b in zip(co, eo):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert cg.keys() == eg.keys() and any("sparse_gates" in n for n in cg)
+    for n in eg:
+        torch.testing.assert_close(cg[n], eg[n], rtol=1e-4, atol=1e-6, msg=n)
+    assert cs == es
