@@ -28,6 +28,15 @@ import sparse_ops
 B, T = 32, 128
 
 
+def _hooked(handles, fn):
+    """fn() with the hooks whose handles are given in place; they are removed afterwards."""
+    try:
+        return fn()
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def _no_grad(fn):
     with torch.inference_mode():
         return fn()
@@ -91,12 +100,7 @@ def _case(name, dense, sparse, enc, ideal, heads=None, ffn=None, layers=None, sh
     run_d = (lambda m: stack(m)(**enc).last_hidden_state) if stack else (lambda m: m(**enc).last_hidden_state)
 
     def masked():
-        hs = hooks(dense, heads, ffn, layers)
-        try:
-            return run_d(dense)
-        finally:
-            for h in hs:
-                h.remove()
+        return _hooked(hooks(dense, heads, ffn, layers), lambda: run_d(dense))
 
     def run_sparse():
         return run_d(sparse)
@@ -210,10 +214,7 @@ def _smollm2_decode_cases(d, dense, sparse):
     held_out = ids[40000:40000 + 8 * 128].view(8, 128)
     sparse_ops.clear_masks(sparse)
     th = sparse_ops.patching.calibrate_contextual_ffn(sparse, calib, sparsity=0.5, transposed_down=True)
-    hs = _cats_hooks(dense, th)
-    ppl_cats = _perplexity(dense, held_out)
-    for h in hs:
-        h.remove()
+    ppl_cats = _hooked(_cats_hooks(dense, th), lambda: _perplexity(dense, held_out))
     ppl_dense = _perplexity(dense, held_out)
     L, dm, Fn = cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size
     dense_params = sum(p.numel() for p in dense.model.layers.parameters()) + dense.lm_head.weight.numel()
@@ -223,10 +224,8 @@ def _smollm2_decode_cases(d, dense, sparse):
         with torch.inference_mode():
             caches = {"dense": dense(ctx, use_cache=True).past_key_values,
                       "sparse": sparse(ctx, use_cache=True).past_key_values}
-            hs = _cats_hooks(dense, th)  # the reference's own cache: its context ran with the masks too
-            caches["masked"] = dense(ctx, use_cache=True).past_key_values
-            for h in hs:
-                h.remove()
+            # the reference's own cache: its context ran with the masks too
+            caches["masked"] = _hooked(_cats_hooks(dense, th), lambda: dense(ctx, use_cache=True).past_key_values)
 
         def step(model, which):
             c = caches[which]
@@ -239,12 +238,7 @@ def _smollm2_decode_cases(d, dense, sparse):
             return f
 
         def masked(f=step(dense, "masked")):
-            hs = _cats_hooks(dense, th)
-            try:
-                return f()
-            finally:
-                for h in hs:
-                    h.remove()
+            return _hooked(_cats_hooks(dense, th), f)
 
         run_sparse = step(sparse, "sparse")
         case = {"op": "models", "case": f"decode CATS 50% B={Bd}", "device": "cpu", "dtype": "float32",
@@ -348,12 +342,7 @@ def _minilm_gate_cases(transformers, path, enc):
             heads.append(lg.get("heads")())
             ffn.append(lg.get("ffn")())
             lg.get("layer")()
-        hs = _hooks(plain, heads, ffn, None)
-        try:
-            return loss_of(plain)
-        finally:
-            for h in hs:
-                h.remove()
+        return _hooked(_hooks(plain, heads, ffn, None), lambda: loss_of(plain))
 
     def stepper(model, loss_fn, extra=()):
         opt = torch.optim.AdamW(list(model.parameters()) + list(extra), lr=1e-7)
@@ -394,12 +383,7 @@ def _minilm_gate_cases(transformers, path, enc):
         with torch.no_grad():
             heads = [lg.get("heads")() for lg in gates]
             ffn = [lg.get("ffn")() for lg in gates]
-        hs = _hooks(plain, heads, ffn, None)
-        try:
-            return plain(**enc).last_hidden_state
-        finally:
-            for h in hs:
-                h.remove()
+        return _hooked(_hooks(plain, heads, ffn, None), lambda: plain(**enc).last_hidden_state)
 
     def infer(model):
         def run():
