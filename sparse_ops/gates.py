@@ -217,10 +217,11 @@ def _expected_keep(model, who):
             per["layers"].append(e_layer)
         for kind in ("heads", "ffn"):
             g = lg.get(kind)
-            if g is None and e_layer is None:
-                continue
-            e = g.expected() if g is not None else None
-            per[kind].append(e * e_layer if e is not None and e_layer is not None else e if e is not None else e_layer)
+            e = g.expected() if g is not None else e_layer  # no unit gate: the layer gate alone
+            if g is not None and e_layer is not None:
+                e = e * e_layer
+            if e is not None:
+                per[kind].append(e)
     return {k: torch.stack(v).mean() for k, v in per.items() if v}
 
 
