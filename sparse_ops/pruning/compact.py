@@ -10,10 +10,10 @@ Shapes a plain Hugging Face config cannot say (different head and FFN counts per
 config.sparse_ops_shapes (one {"heads", "kv_heads", "ffn"} per layer); `save_pretrained` writes
 it with the weights, and load_compact(path, cls) builds the model with those shapes and loads them.
 
-Two cases keep a unit that is off, with zero output weights, because the model's code needs it:
-a layer with every head (or FFN column) off keeps one, and in a GQA layer every KV group that
-stays keeps the same number of query heads (repeat_kv repeats each group equally), so a group
-with fewer heads on keeps some of its off heads.
+A layer with every head (or every FFN column) off gets zero-width projections (the attention
+then adds only o's bias). One case keeps units that are off, with zero output weights: in a GQA
+layer every KV group that stays must have the same number of query heads (repeat_kv repeats each
+group equally), so a group with fewer heads on keeps some of its off heads.
 """
 from __future__ import annotations
 
@@ -109,8 +109,8 @@ def _units(vals, n):
 
 def _ffn(a, layer, vals):
     F = vals.numel()
-    kept = _units(vals, F) or [0]
-    idx = torch.tensor(kept)
+    kept = _units(vals, F)
+    idx = torch.tensor(kept, dtype=torch.long)
     scale = vals[idx]
     if a.family == "bert":
         layer.intermediate.dense = _rows(layer.intermediate.dense, idx)
@@ -125,15 +125,16 @@ def _ffn(a, layer, vals):
 
 
 def _head_rows(heads, dh):
-    return torch.cat([torch.arange(h * dh, (h + 1) * dh) for h in heads])
+    return torch.tensor([h * dh + i for h in heads for i in range(dh)], dtype=torch.long)
 
 
 def _heads_bert(a, layer, vals):
     s, dh = layer.attention.self, a.head_dim
-    heads = _units(vals, a.num_heads) or [0]
+    heads = _units(vals, a.num_heads)
     rows = _head_rows(heads, dh)
     s.query, s.key, s.value = _rows(s.query, rows), _rows(s.key, rows), _rows(s.value, rows)
-    layer.attention.output.dense = _cols(layer.attention.output.dense, rows, vals[heads].repeat_interleave(dh))
+    layer.attention.output.dense = _cols(layer.attention.output.dense, rows,
+                                          vals[torch.tensor(heads, dtype=torch.long)].repeat_interleave(dh))
     s.num_attention_heads, s.all_head_size = len(heads), len(heads) * dh
     return {"heads": len(heads), "kv_heads": len(heads)}
 
@@ -145,8 +146,6 @@ def _heads_llama(a, layer, vals):
     on = [[h for h in range(j * per, (j + 1) * per) if float(vals[h]) != 0.0] for j in range(Hkv)]
     c = max(len(x) for x in on)
     groups = [j for j in range(Hkv) if on[j]]
-    if c == 0:                                # every head off: one placeholder head, zero output weights
-        c, groups, on = 1, [0], [[0]] + on[1:]
     q_heads = []
     for j in groups:                          # pad a group to c heads with its off heads (value 0)
         pad = [h for h in range(j * per, (j + 1) * per) if h not in on[j]][: c - len(on[j])]
@@ -157,7 +156,7 @@ def _heads_llama(a, layer, vals):
     s.q_proj = _rows(s.q_proj, rows)
     s.k_proj, s.v_proj = _rows(s.k_proj, kv_rows), _rows(s.v_proj, kv_rows)
     s.o_proj = _cols(s.o_proj, rows, scale.repeat_interleave(dh))
-    s.num_key_value_groups = c
+    s.num_key_value_groups = max(c, 1)
     return {"heads": len(q_heads), "kv_heads": len(groups)}
 
 
@@ -210,7 +209,7 @@ def _resize(a, layer, shape):
     q, kv, fi = torch.arange(nq * dh), torch.arange(nkv * dh), torch.arange(F)
     s.q_proj, s.k_proj, s.v_proj = _rows(s.q_proj, q), _rows(s.k_proj, kv), _rows(s.v_proj, kv)
     s.o_proj = _cols(s.o_proj, q, torch.ones(nq * dh))
-    s.num_key_value_groups = nq // nkv
+    s.num_key_value_groups = nq // nkv if nkv else 1
     f.gate_proj, f.up_proj = _rows(f.gate_proj, fi), _rows(f.up_proj, fi)
     f.down_proj = _cols(f.down_proj, fi, torch.ones(F))
     if hasattr(f, "intermediate_size"):
