@@ -15,5 +15,6 @@ unstructured and 2:4 granularities work on any model's nn.Linear modules.
 from .compact import compact, load_compact
 from .layers import merge_layers, prune_layers
 from .seven import Seven
+from .torch_prune import from_torch_prune
 
-__all__ = ["Seven", "prune_layers", "merge_layers", "compact", "load_compact"]
+__all__ = ["Seven", "prune_layers", "merge_layers", "compact", "load_compact", "from_torch_prune"]
