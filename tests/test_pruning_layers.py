@@ -826,3 +826,37 @@ def test_compact_all_off_units_removed(pruning, family):
                 bad.append((j, path, tuple(w.shape), shape))
     assert not bad, f"(layer, linear, got, expected): {bad}"
     assert sum(p.numel() for p in small.parameters()) == count
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("gate", ["hard_concrete", "threshold", "topk"])
+def test_compact_folds_learned_gates(pruning, family, gate):
+    """A model patched with learned gates, in eval: compact keeps the open units and folds each
+    open unit's gate value into the output projection, so its outputs equal the gated model's."""
+    model = make(family)
+    m = sparse_ops.patch(copy.deepcopy(model), gate={"heads": gate, "ffn": gate})
+    torch.manual_seed(3)
+    with torch.no_grad():                 # spread the gates: some closed, open ones at values != 1
+        for name, p in m.named_parameters():
+            if "sparse_gates" in name:
+                p.copy_(torch.randn_like(p) * 2.0)
+    m.eval()
+    cal = calib()
+    ref = [outputs(m, b) for b in cal]
+    small = pruning.compact(m)
+    for batch, r in zip(cal, ref):
+        mask = token_mask(batch).bool()[..., None]
+        torch.testing.assert_close(outputs(small, batch) * mask, r * mask, rtol=1e-5, atol=1e-5)
+    assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in model.parameters())
+    assert not any("sparse_gates" in n for n, _ in small.named_parameters())
+
+
+def test_compact_rejects_a_fractional_layer_gate(pruning):
+    m = sparse_ops.patch(make("bert"), gate={"layers": "hard_concrete"})
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if "sparse_gates" in name:
+                p.fill_(0.3)                  # an open hard-concrete layer gate < 1 in eval
+    m.eval()
+    with pytest.raises(ValueError, match="layer gate"):
+        pruning.compact(m)
