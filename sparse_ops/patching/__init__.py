@@ -159,7 +159,7 @@ def clear_masks(model):
     """Every unit on again (the masks set with set_masks are dropped, contextual FFN sparsity is off)."""
     for st in _states(model, "clear_masks")["states"]:
         st.heads = st.ffn = st.keep = None
-        st.ffn_threshold = st.ffn_down_t = st.ffn_cache = None
+        st.ffn_threshold = st.ffn_down_t = None
 
 
 def _contextual_model(model, who):

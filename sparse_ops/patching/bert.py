@@ -25,7 +25,7 @@ from ..nn.attention_paths import Weights
 from ..ops import gated_ffn, skip_layer
 from ..ops.layers import zero_grads_for
 from .state import (ATTR, LayerState, activation_name, active, attend_heads, begin_layer, convert_layer, converted,
-                    ffn_call, find_layers, layer_plan, restore_modules, static_ffn_weights)
+                    ffn_call, find_layers, layer_plan, restore_modules)
 
 # config.hidden_act -> gated_ffn's activation name
 ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": None,
@@ -117,13 +117,7 @@ class SparseBertLayer:
         if call is None:
             return super().feed_forward_chunk(attention_output)
         i, o = self.intermediate.dense, self.output.dense
-        cached = static_ffn_weights(st, call, i.weight, i.bias, o.weight)
-        if cached is not None:
-            w1, b1, w2, _ = cached
-            h = gated_ffn(x, w1, w2, None, b1=b1, b2=o.bias, activation=self._sparse_act)
-        else:
-            h = gated_ffn(x, i.weight, o.weight, call[0], gate=call[1], b1=i.bias, b2=o.bias,
-                          activation=self._sparse_act)
+        h = gated_ffn(x, i.weight, o.weight, call[0], gate=call[1], b1=i.bias, b2=o.bias, activation=self._sparse_act)
         return self.output.LayerNorm(self.output.dropout(h) + x)
 
 

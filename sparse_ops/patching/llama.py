@@ -30,7 +30,7 @@ from ..ops.layers import zero_grads_for
 from ..ops.head_proj import head_in_proj, head_out_proj
 from . import contextual
 from .state import (ATTR, LayerState, activation_name, active, begin_layer, convert_layer, converted, ffn_call,
-                    find_layers, heads_of, layer_plan, restore_modules, static_ffn_weights)
+                    find_layers, heads_of, layer_plan, restore_modules)
 
 ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu"}
 
@@ -128,10 +128,6 @@ class SparseLlamaMLP:
         if call is None:
             return super().forward(x)
         g, u, dn = self.gate_proj, self.up_proj, self.down_proj
-        cached = static_ffn_weights(st, call, g.weight, g.bias, dn.weight, u.weight)
-        if cached is not None:
-            w1, b1, w2, w3 = cached
-            return gated_ffn(x, w1, w2, None, b1=b1, b2=dn.bias, w3=w3, activation=self._sparse_act)
         return gated_ffn(x, g.weight, dn.weight, call[0], gate=call[1], b1=g.bias, b2=dn.bias, w3=u.weight,
                          activation=self._sparse_act)
 

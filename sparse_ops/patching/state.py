@@ -45,9 +45,6 @@ class LayerState:
     drop_p: float = 0.0
     drop_per_sample: bool = True
     drop_gen: object | None = None
-    # A shared static FFN mask in inference: the weights gathered to its columns, kept until the
-    # mask or a weight changes (static_ffn_weights).
-    ffn_cache: tuple | None = None
     # (computed, total) unit pairs of the last forward: (sample, head), (token, column), (sample, layer).
     counts: dict = field(default_factory=lambda: {k: [0, 0] for k in KINDS})
 
@@ -192,42 +189,6 @@ def ffn_call(st: LayerState, n: int, T: int):
     a, computed = ffn_active(st, n, T)
     st.add("ffn", computed, 0)
     return (None, a) if a.is_floating_point() else (a, None)
-
-
-def _version(t):
-    try:
-        return t._version
-    except RuntimeError:  # an inference tensor: no version counter, so no way to see it change
-        return None
-
-
-def static_ffn_weights(st: LayerState, call, w1, b1, w2, w3=None):
-    """(w1, b1, w2, w3) gathered to the running columns, for a call with a shared static mask
-    (bool [F] or int64 [K], no gate) outside autograd: gathered once and cached on the layer until
-    the mask or a weight changes (compared by object and version counter); None when that does not
-    apply (then gated_ffn gathers per call). Measured on MiniLM at 50% columns (B=32 x 128, 2
-    cores): the six FFNs 782 ms per forward gathering per call, 750 ms from the cached copy. The
-    copy costs the kept columns' weights once more in memory."""
-    if call is None or call[1] is not None or torch.is_grad_enabled() or torch.compiler.is_compiling():
-        return None
-    a = call[0]
-    if a.dim() != 1:
-        return None
-    ts = [a, w1, w2] + [t for t in (b1, w3) if t is not None]
-    key = [_version(t) for t in ts]
-    if any(v is None for v in key):
-        return None
-    c = st.ffn_cache
-    if c is not None and len(c[0]) == len(ts) and all(x is y for x, y in zip(c[0], ts)) and c[1] == key:
-        return c[2]
-    idx = torch.nonzero(a).flatten() if a.dtype == torch.bool else a
-    if idx.numel() in (0, w1.shape[0]):
-        st.ffn_cache = None
-        return None
-    out = (w1.index_select(0, idx), None if b1 is None else b1.index_select(0, idx), w2.index_select(1, idx),
-           None if w3 is None else w3.index_select(0, idx))
-    st.ffn_cache = (ts, key, out)
-    return out
 
 
 def find_layers(model, attr: str, is_layer):
