@@ -88,6 +88,9 @@ def main(argv=None) -> int:
     print(f"{len(rows)} rows in {time.time() - t0:.0f} s")
     if args.plot and rows:
         harness.plot(rows, args.plot)
+        root, ext = os.path.splitext(args.plot)
+        if harness.plot_quality(rows, f"{root}_quality{ext or '.png'}"):
+            print(f"quality vs speed: {root}_quality{ext or '.png'}")
     return 0
 
 

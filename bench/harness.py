@@ -152,3 +152,33 @@ def plot(rows: list[dict], path: str) -> None:
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+def plot_quality(rows: list[dict], path: str) -> bool:
+    """Quality vs speedup of the rows that carry a quality (the pruning rows: one panel per metric,
+    the dense model as the reference point). Returns False when no row has one."""
+    rows = [r for r in rows if r.get("quality")]
+    if not rows:
+        return False
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = sorted({r["quality"]["metric"] for r in rows})
+    fig, axes = plt.subplots(1, len(metrics), figsize=(6.5 * len(metrics), 5), squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        rs = [r for r in rows if r["quality"]["metric"] == metric]
+        ax.scatter([1.0], [rs[0]["quality"]["dense"]], marker="*", s=160, color="k", label="dense")
+        for r in rs:
+            ax.scatter([r["speedup"]], [r["quality"]["value"]], s=50, label=f"{r['case']} ({r['shape'].split()[0]})")
+        ax.set_xlabel("speedup over dense (measured)")
+        ax.set_ylabel(metric + (" (lower is better)" if metric == "perplexity" else " to dense (higher is better)"))
+        if metric == "perplexity":
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    dev = rows[0].get("device", "")
+    fig.suptitle(f"sparse_ops.pruning: quality vs speed ({dev})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return True

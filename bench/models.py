@@ -128,6 +128,8 @@ def cases(device, quick):
         return
     yield from _minilm_cases()
     yield from _smollm2_cases()
+    from . import models_pruning
+    yield from models_pruning.cases(quick)
 
 
 def _smollm2_cases():
