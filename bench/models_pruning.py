@@ -167,23 +167,32 @@ def _minilm():
                        ("6 -> 4 layers, sliding-window merge", lambda: pruning.merge_layers(dense, calib,
                                                                                              num_layers=4))):
         sm = make()
-        removed = getattr(sm.config, "sparse_ops_removed_layers", None)
-        if removed is None:
-            removed = [i for w in sm.config.sparse_ops_merged_layers for i in w[1:]]
-        masked_l = lambda removed=removed: M._hooked(_identity_hooks(dense.encoder.layer, removed),  # noqa: E731
-                                                     lambda: run(dense))
+        q = {"metric": "embedding cosine", "value": _cosine(sm, dense, tok, held), "dense": cos_dense}
+        yield _layer_row(name, sm, dense, dense.encoder.layer, run, q, shape)
 
-        def check(sm=sm, masked_l=masked_l, name=name):
-            if "merge" in name:
-                return  # a merged layer has no mask-multiply equivalent (its weights are new)
-            with torch.inference_mode():
-                _close(run(sm), masked_l(), name)
-        qs = {"metric": "embedding cosine", "value": _cosine(sm, dense, tok, held), "dense": cos_dense}
-        r = _row(name, shape, L / sm.config.num_hidden_layers,
-                 {"dense": lambda: run(dense), "masked": masked_l, "sparse": lambda sm=sm: run(sm)}, check, qs,
-                 layers=round(sm.config.num_hidden_layers / L, 3))
-        r["note"] += f"; layers gone {removed}"
-        yield r
+
+def _layer_row(name, sm, dense, dense_layers, run, quality, shape):
+    """A row for a shallower model `sm` (prune_layers / merge_layers of `dense`); masked: `dense`
+    with the removed layers passing their inputs through (they still compute)."""
+    L = len(dense_layers)
+    removed = getattr(sm.config, "sparse_ops_removed_layers", None)
+    merged = removed is None
+    if merged:
+        removed = [i for w in sm.config.sparse_ops_merged_layers for i in w[1:]]
+
+    def masked():
+        return M._hooked(_identity_hooks(dense_layers, removed), lambda: run(dense))
+
+    def check():
+        if merged:
+            return  # a merged layer has no mask-multiply equivalent (its weights are new)
+        with torch.inference_mode():
+            _close(run(sm), masked(), name)
+    r = _row(name, shape, L / sm.config.num_hidden_layers,
+             {"dense": lambda: run(dense), "masked": masked, "sparse": lambda: run(sm)}, check, quality,
+             layers=round(sm.config.num_hidden_layers / L, 3))
+    r["note"] += f"; layers gone {removed}"
+    return r
 
 
 def _unstructured(dense, pairs):
@@ -244,22 +253,7 @@ def _smollm2(quick):
         methods = methods[:1]
     for score, make in methods:
         sm = make()
-        removed = getattr(sm.config, "sparse_ops_removed_layers", None)
-        if removed is None:
-            removed = [i for w in sm.config.sparse_ops_merged_layers for i in w[1:]]
-        masked_l = lambda removed=removed: M._hooked(_identity_hooks(dense.model.layers, removed),  # noqa: E731
-                                                     lambda: run(dense))
         name = f"30 -> {sm.config.num_hidden_layers} layers, " + (
             "sliding-window merge" if score == "merge" else score.replace("_", " "))
-
-        def check(sm=sm, masked_l=masked_l, name=name, score=score):
-            if score == "merge":
-                return
-            with torch.inference_mode():
-                _close(run(sm), masked_l(), name)
         q = {"metric": "perplexity", "value": M._perplexity(sm, held_out), "dense": ppl_dense}
-        r = _row(name, shape, L / sm.config.num_hidden_layers,
-                 {"dense": lambda: run(dense), "masked": masked_l, "sparse": lambda sm=sm: run(sm)}, check, q,
-                 layers=round(sm.config.num_hidden_layers / L, 3))
-        r["note"] += f"; layers gone {removed}"
-        yield r
+        yield _layer_row(name, sm, dense, dense.model.layers, run, q, shape)
