@@ -588,3 +588,30 @@ def test_step_without_a_gradient_is_an_error():
     p = Seven(model, 0.5, steps=3)
     with pytest.raises((ValueError, TypeError), match=r"grad|0\.weight"):
         p.step()
+
+
+def test_two_four_masks_at_the_last_step():
+    """granularity "2:4": masks stay all-on until the last pruning step, then each group of 4
+    consecutive inputs of a row keeps its 2 highest accumulated scores (the N:M pattern)."""
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    p = Seven(model, 0.5, steps=3, granularity="2:4")
+    for i in range(3):
+        opt.zero_grad()
+        mlp_loss(model, mlp_batch(i)).backward()
+        opt.step()
+        p.step()
+        if i < 2:
+            assert all(bool(m.all()) for m in p.masks.values())
+    for n in PRUNED:
+        m, s = p.masks[n], p.scores[n]
+        groups = m.reshape(m.shape[0], -1, 4)
+        assert bool((groups.sum(-1) == 2).all())
+        top = s.reshape(s.shape[0], -1, 4).topk(2, dim=-1).indices
+        assert bool(torch.zeros_like(groups).scatter_(-1, top, True).eq(groups).all())
+        assert bool((dict(model.named_parameters())[n][~m] == 0).all())
+    with pytest.raises(ValueError, match="keep"):
+        Seven(mlp(), 0.4, granularity="2:4")
+    odd = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Linear(8, 2))
+    with pytest.raises(ValueError, match="divisible by 4"):
+        Seven(odd, 0.5, granularity="2:4")
