@@ -65,10 +65,6 @@ def parts(a: Arch, layer) -> dict:
             "ffn_out": f.down_proj}
 
 
-def ffn_size(a: Arch, layer) -> int:
-    return parts(a, layer)["ffn_out"].weight.shape[1]
-
-
 # ----------------------------------------------------------------- calibration data
 def batch_kwargs(batch, who: str) -> dict:
     if isinstance(batch, torch.Tensor):
@@ -140,32 +136,30 @@ def weighted_mean(vals: list, weights: list) -> float:
 
 
 # ----------------------------------------------------------------- a shallower model
-def renumber(a: Arch, model, n_before: int, new_layers: list, who: str, record: tuple | None = None):
-    """Put `new_layers` in place of the layers of a.layers (in `model`, already a copy), and update
-    the config (num_hidden_layers, layer_types) and each attention's layer_idx, so that generation
-    with a KV cache indexes the cache by the new positions."""
-    setattr(a.holder, a.attr, torch.nn.ModuleList(new_layers))
-    for i, layer in enumerate(new_layers):
+def renumber(a: Arch, model, keep: list, record: tuple | None = None, replace: dict | None = None):
+    """Keep only the layers of a.layers (in `model`, already a copy) at indices `keep`, in order
+    (replace: {index: module} puts a new layer at that index), and update the config
+    (num_hidden_layers, layer_types, `record` = (name, value)) and each attention's layer_idx, so
+    that generation with a KV cache indexes the cache by the new positions."""
+    layers = list(a.layers)
+    new = [(replace or {}).get(i, layers[i]) for i in keep]
+    setattr(a.holder, a.attr, torch.nn.ModuleList(new))
+    for i, layer in enumerate(new):
         for m in layer.modules():
             if hasattr(m, "layer_idx"):
                 m.layer_idx = i
     cfgs = {id(c): c for c in (getattr(model, "config", None), getattr(a.base, "config", None)) if c is not None}
     for cfg in cfgs.values():
-        cfg.num_hidden_layers = len(new_layers)
+        cfg.num_hidden_layers = len(new)
+        lt = getattr(cfg, "layer_types", None)
+        if isinstance(lt, list) and len(lt) == len(layers):
+            cfg.layer_types = [lt[i] for i in keep]
         if record is not None:
             setattr(cfg, record[0], record[1])
     return model
 
 
 def keep_layers(model, keep: list, who: str, record: tuple | None = None, replace: dict | None = None):
-    """A deep copy of `model` with only the layers at indices `keep` (in order); replace: {index:
-    module} puts a new layer at that index."""
+    """A deep copy of `model` with only the layers at indices `keep` (see renumber)."""
     small = copy.deepcopy(model)
-    a = arch(small, who)
-    layers = list(a.layers)
-    new = [(replace or {}).get(i, layers[i]) for i in keep]
-    cfg = getattr(small, "config", None)
-    lt = getattr(cfg, "layer_types", None)
-    if isinstance(lt, list) and len(lt) == len(layers):
-        cfg.layer_types = [lt[i] for i in keep]
-    return renumber(a, small, len(layers), new, who, record)
+    return renumber(arch(small, who), small, keep, record, replace)

@@ -182,11 +182,7 @@ def compact(model):
         hs["ffn"] = _ffn(a, layer, plan["ffn"])
         shapes.append(hs)
         keep.append(i)
-    cfg = getattr(small, "config", None)
-    lt = getattr(cfg, "layer_types", None)
-    if isinstance(lt, list) and len(lt) == len(layers):
-        cfg.layer_types = [lt[i] for i in keep]
-    renumber(a, small, len(layers), [layers[i] for i in keep], "compact", ("sparse_ops_shapes", shapes))
+    renumber(a, small, keep, ("sparse_ops_shapes", shapes))
     return small
 
 

@@ -15,6 +15,7 @@ merge_layers(model, calib, threshold) merges runs of adjacent layers into one (s
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 
@@ -89,16 +90,15 @@ def _taylor(model, a, batches, who):
     return [abs(float(s)) for s in acc]
 
 
+@contextlib.contextmanager
 def _calib_mode(model):
     """Calibration runs in eval mode (no dropout); restores the mode after."""
-    class _Eval:
-        def __enter__(self):
-            self.was = model.training
-            model.eval()
-
-        def __exit__(self, *exc):
-            model.train(self.was)
-    return _Eval()
+    was = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was)
 
 
 def prune_layers(model, n, calib, score="block_influence"):
@@ -135,14 +135,15 @@ def prune_layers(model, n, calib, score="block_influence"):
 # ----------------------------------------------------------------- sliding-window merging
 def merged_layer(layers: list, low: int, high: int):
     """One layer: theta_low + sum_{i=low+1..high} (theta_i - theta_low), from the given (original)
-    layers; every parameter and floating buffer of the layer is merged."""
+    layers; every parameter of the layer (norms included) is merged; buffers are the base layer's."""
     out = copy.deepcopy(layers[low])
+    base = dict(layers[low].named_parameters())
+    others = [dict(layers[i].named_parameters()) for i in range(low + 1, high + 1)]
     with torch.no_grad():
-        base = dict(layers[low].named_parameters())
         for name, p in out.named_parameters():
             acc = base[name].detach().clone()
-            for i in range(low + 1, high + 1):
-                acc += dict(layers[i].named_parameters())[name].detach() - base[name].detach()
+            for ps in others:
+                acc += ps[name].detach() - base[name].detach()
             p.copy_(acc)
     return out
 
@@ -170,14 +171,14 @@ def _scan(model, batches, threshold):
 
     def layers_with(low=None, high=None, cand=None):
         out, i = [], 0
-        merged_tops = {lo: hi for lo, (hi, _) in committed.items()}
         while i < L:
             if cand is not None and i == low:
                 out.append(cand)
                 i = high + 1
             elif i in committed:
-                out.append(committed[i][1])
-                i = merged_tops[i] + 1
+                top, merged = committed[i]
+                out.append(merged)
+                i = top + 1
             else:
                 out.append(orig[i])
                 i += 1
