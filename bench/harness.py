@@ -155,7 +155,7 @@ def plot(rows: list[dict], path: str) -> None:
 
 
 def plot_quality(rows: list[dict], path: str) -> bool:
-    """Quality vs speedup of the rows that carry a quality (the pruning rows: one panel per metric,
+    """Quality vs speedup of the rows that carry a quality (pruning and router rows: one panel per metric,
     the dense model as the reference point). Returns False when no row has one."""
     rows = [r for r in rows if r.get("quality")]
     if not rows:
@@ -178,7 +178,7 @@ def plot_quality(rows: list[dict], path: str) -> bool:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     dev = rows[0].get("device", "")
-    fig.suptitle(f"sparse_ops.pruning: quality vs speed ({dev})")
+    fig.suptitle(f"sparse_ops: quality vs speed ({dev})")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     return True

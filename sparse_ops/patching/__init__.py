@@ -13,11 +13,14 @@ layers are not computed.
   set_contextual_ffn(model, thresholds, *, transposed_down=False)
                                      contextual (CATS-style) FFN sparsity of LLaMA-family MLPs
                                      (patching/contextual.py); clear_masks turns it off
+  fit_routers(model, batches, *, steps=300, ...) -> recall per layer
+                                     fits the FFN routers of patch(model, gate="router") to the
+                                     dense model's activations (patching/router.py)
 
 Supported today: torch.nn.TransformerEncoder / TransformerEncoderLayer (patching/torch_encoder.py)
 Hugging Face BERT-family encoders (patching/bert.py) and LLaMA-family decoders (patching/llama.py:
 GQA, rotary, SwiGLU, a KV cache, contextual FFN sparsity) and GPT-2 (patching/gpt2.py: Conv1D
-weights). Not yet: learned gates (gate=...).
+weights). Learned gates: patching/gating.py (static) and patching/router.py (routed FFN columns).
 
 How masks are read: set_masks stores them on each layer (a LayerState, patching/state.py); a
 [B, ...] mask applies to batches of that size. stats counts, in the converted modules, the unit
@@ -33,7 +36,7 @@ import math
 
 import torch
 
-from . import bert, contextual, gating, gpt2, llama, torch_encoder
+from . import bert, contextual, gating, gpt2, llama, router, torch_encoder
 from .state import ATTR, KINDS, LayerState
 
 _FAMILIES = (("torch.nn.TransformerEncoder(Layer)", torch_encoder), ("Hugging Face BERT-family encoder", bert),
@@ -61,6 +64,9 @@ def patch(model, *, heads=True, ffn=True, layers=True, gate=None):
         return model
     for family, mod in _FAMILIES:
         found = mod.layers_of(model)
+        if found and gating.has_router(spec) and mod is not llama:
+            raise TypeError(f"sparse_ops.patch: a router gate for FFN columns needs a gated (SwiGLU) MLP, as in "
+                            f"LLaMA-family decoders; this {type(model).__name__} is a {family}")
         if found:
             states = mod.convert(model, found, bool(heads), bool(ffn), bool(layers))
             # Counts restart at each forward of the module that runs the layers (the encoder or
@@ -127,6 +133,9 @@ def set_masks(model, *, heads=None, ffn=None, layers=None):
         ffn = list(ffn)
         if len(ffn) != L:
             raise ValueError(f"sparse_ops.set_masks: ffn must have one entry per layer ({L}); got {len(ffn)}")
+        if any(m is not None for m in ffn) and any(router.router_of(st) is not None for st in states):
+            raise ValueError("sparse_ops.set_masks: the FFN columns are routed (patch(model, gate='router')): the "
+                             "routers pick them per token; unpatch and patch without the router to set FFN masks")
         if any(m is not None for m in ffn) and any(st.ffn_threshold is not None for st in states):
             raise ValueError("sparse_ops.set_masks: contextual FFN sparsity is on (set_contextual_ffn); turn it off "
                              "first (set_contextual_ffn(model, None)): a layer takes either a mask or a threshold")
@@ -169,6 +178,9 @@ def _contextual_model(model, who):
                         f"decoders; this model was patched as {p['family']}")
     if not p["parts"]["ffn"]:
         raise ValueError(f"sparse_ops.{who}: the model was patched with ffn=False")
+    if any(router.router_of(st) is not None for st in p["states"]):
+        raise ValueError(f"sparse_ops.{who}: the FFN columns are routed (patch(model, gate='router')); a layer takes "
+                         f"either a router or a contextual threshold")
     if any(st.ffn is not None for st in p["states"]):
         raise ValueError(f"sparse_ops.{who}: FFN masks are set (set_masks(ffn=...)); clear them first: a layer takes "
                          f"either a mask or a contextual threshold")
@@ -206,6 +218,36 @@ def set_contextual_ffn(model, thresholds, *, transposed_down=False):
         if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not t >= 0.0):
             raise ValueError(f"sparse_ops.set_contextual_ffn: thresholds[{i}] must be a number >= 0 or None; got {t!r}")
     contextual.set_thresholds(p["states"], [layer.mlp for layer in p["layers"]], thresholds, transposed_down)
+
+
+def fit_routers(model, batches, *, steps=300, lr=3e-3, batch_rows=512, max_rows=16384, transposed_down=False,
+                seed=0):
+    """Fit the FFN routers of a model patched with gate='router' to its own dense activations
+    (patching/router.py): the MLP inputs of `batches` (input ids, or dicts of model kwargs) are
+    recorded with the routers off, every row is labelled with its k columns of largest
+    |act(x W_gate) * (x W_up)|, and each router takes `steps` Adam steps (lr) of binary
+    cross-entropy on `batch_rows` random rows of at most `max_rows` recorded ones.
+    transposed_down: read the down projection from a [F, d] copy (as set_contextual_ffn's).
+    Returns each layer's recall on the recorded rows (share of the labelled columns picked)."""
+    p = _states(model, "fit_routers")
+    states = p["states"]
+    if not all(router.router_of(st) is not None for st in states):
+        raise ValueError("sparse_ops.fit_routers: the model has no FFN routers; patch it with "
+                         "sparse_ops.patch(model, gate='router')")
+    for name, v in (("steps", steps), ("batch_rows", batch_rows), ("max_rows", max_rows)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < (0 if name == "steps" else 1):
+            raise ValueError(f"sparse_ops.fit_routers: {name} must be an int >= {0 if name == 'steps' else 1}; "
+                             f"got {v!r}")
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0.0 < lr < math.inf:
+        raise ValueError(f"sparse_ops.fit_routers: lr must be a finite number > 0; got {lr!r}")
+    batches = list(batches)
+    if not batches:
+        raise ValueError("sparse_ops.fit_routers: batches is empty; give a few batches of text")
+    mlps = [layer.mlp for layer in p["layers"]]
+    act = mlps[0]._sparse_act
+    recalls = router.fit(model, states, mlps, act, batches, steps, float(lr), batch_rows, max_rows, int(seed))
+    router.set_down_copies(states, mlps, bool(transposed_down))
+    return recalls
 
 
 LAYER_DROP_SCALINGS = ("uniform", "linear", "exp", "log", "sin")
@@ -269,5 +311,6 @@ def stats(model):
 
 
 __all__ = ["patch", "set_masks", "clear_masks", "unpatch", "stats", "calibrate_contextual_ffn", "set_contextual_ffn",
+           "fit_routers",
            "layer_dropout",
            "LayerState", "ATTR"]

@@ -6,8 +6,12 @@ gate= forms:
   "hard_concrete" | "threshold"   that kind for heads, FFN columns and the layer itself
   "topk"                          exactly half of the heads and of the FFN columns of each layer
                                   (a layer has one flag, so topk gives it no gate)
-  {"heads": g, "ffn": g, "layers": g}   per kind; g a kind, (kind, keep) for topk's fraction,
-                                  or None (no gate for that kind); kinds left out get none
+  "router"                        an input-dependent FFNRouter for the FFN columns of each layer
+                                  (LLaMA-family gated MLPs; keep 0.5, rank 64; patching/router.py),
+                                  the same as {"ffn": ("router", 0.5)}; ("router", keep, rank) too
+  {"heads": g, "ffn": g, "layers": g}   per kind; g a kind, (kind, keep) for topk's or the
+                                  router's fraction, or None (no gate for that kind); kinds left
+                                  out get none. A router is for "ffn" only.
 Only the parts patched (patch's heads= / ffn= / layers=) get gates.
 """
 from __future__ import annotations
@@ -16,10 +20,14 @@ import numbers
 
 import torch
 
-from ..gates import GATE_KINDS, LayerGates, UnitGate
+from ..gates import GATE_KINDS, FFNRouter, LayerGates, UnitGate
 
 _KIND_KEYS = {"heads": "heads", "ffn": "ffn", "layers": "layer"}
 NAME = "sparse_gates"
+
+
+ROUTER = "router"
+ROUTER_RANK = 64
 
 
 def _one(key, g):
@@ -27,10 +35,21 @@ def _one(key, g):
         return None
     if isinstance(g, str):
         g = (g, None)
+    if isinstance(g, tuple) and len(g) in (2, 3) and g[0] == ROUTER:
+        if key != "ffn":
+            raise ValueError(f"sparse_ops.patch: a router gate picks FFN columns; gate[{key!r}] must be "
+                             f"{GATE_KINDS} or None (input-dependent {key} gates are not available)")
+        keep = 0.5 if g[1] is None else g[1]
+        if isinstance(keep, bool) or not isinstance(keep, numbers.Real) or not 0.0 <= keep <= 1.0:
+            raise ValueError(f"sparse_ops.patch: gate['ffn']'s router keep must be in [0, 1]; got {g[1]!r}")
+        rank = g[2] if len(g) == 3 else ROUTER_RANK
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
+            raise ValueError(f"sparse_ops.patch: gate['ffn']'s router rank must be a positive int; got {rank!r}")
+        return (ROUTER, float(keep), rank)
     if (not isinstance(g, tuple) or len(g) != 2 or g[0] not in GATE_KINDS
             or (g[1] is not None and (isinstance(g[1], bool) or not isinstance(g[1], numbers.Real)))):
-        raise ValueError(f"sparse_ops.patch: gate[{key!r}] must be one of {GATE_KINDS}, (\"topk\", keep) or None; "
-                         f"got {g!r}")
+        raise ValueError(f"sparse_ops.patch: gate[{key!r}] must be one of {GATE_KINDS}, (\"topk\", keep), "
+                         f"(\"router\", keep) for 'ffn', or None; got {g!r}")
     if g[0] == "topk" and key == "layers":
         raise ValueError("sparse_ops.patch: a topk gate needs several units; a layer has one flag, so give "
                          "gate['layers'] 'hard_concrete', 'threshold' or None")
@@ -46,14 +65,12 @@ def parse(gate, parts):
     """{kind key: (gate kind, keep)} for the patched parts, or None for gate=None; clear errors."""
     if gate is None:
         return None
-    if gate == "router":
-        raise NotImplementedError("sparse_ops.patch: gate='router' (input-dependent gates) is not available yet; "
-                                  "use 'hard_concrete', 'threshold' or 'topk', or a module's own router (e.g. "
-                                  "sparse_ops.nn.GatedFFN(gate=...))")
+    if gate == ROUTER:
+        gate = {"ffn": ROUTER}
     if isinstance(gate, str):
         if gate not in GATE_KINDS:
-            raise ValueError(f"sparse_ops.patch: gate must be None, one of {GATE_KINDS} or a dict by kind; "
-                             f"got {gate!r}")
+            raise ValueError(f"sparse_ops.patch: gate must be None, one of {GATE_KINDS + (ROUTER,)} or a dict by "
+                             f"kind; got {gate!r}")
         gate = {"heads": gate, "ffn": gate, "layers": None if gate == "topk" else gate}
     if not isinstance(gate, dict) or not set(gate) <= set(_KIND_KEYS):
         raise ValueError(f"sparse_ops.patch: gate must be None, one of {GATE_KINDS} or a dict with keys among "
@@ -68,11 +85,21 @@ def parse(gate, parts):
     return spec or None
 
 
+def has_router(spec) -> bool:
+    return spec is not None and spec.get("ffn", (None,))[0] == ROUTER
+
+
+def router_inputs(layer) -> int:
+    """The width of a LLaMA-family layer's MLP input (its gate projection's in_features)."""
+    return layer.mlp.gate_proj.in_features
+
+
 def attach(layers, states, spec):
     """A LayerGates on each layer (on the device and dtype of the layer's parameters)."""
     for layer, st in zip(layers, states):
         sizes = {"heads": st.num_heads, "ffn": st.ffn_size, "layers": 1}
-        gates = LayerGates({_KIND_KEYS[k]: UnitGate(kind, sizes[k], keep) for k, (kind, keep) in spec.items()})
+        gates = LayerGates({_KIND_KEYS[k]: FFNRouter(router_inputs(layer), sizes[k], g[1], g[2])
+                            if g[0] == ROUTER else UnitGate(g[0], sizes[k], g[1]) for k, g in spec.items()})
         p = next(layer.parameters(), None)
         if p is not None:
             gates.to(device=p.device, dtype=p.dtype if p.is_floating_point() else torch.float32)
@@ -85,4 +112,4 @@ def detach(layers, states):
     for layer, st in zip(layers, states):
         if NAME in layer._modules:
             del layer._modules[NAME]
-        st.gates = st.now = None
+        st.gates = st.now = st.router_down_t = None

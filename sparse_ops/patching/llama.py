@@ -28,7 +28,7 @@ import torch
 from ..ops import gated_ffn, masked_head_attention, skip_layer
 from ..ops.layers import zero_grads_for
 from ..ops.head_proj import head_in_proj, head_out_proj
-from . import contextual
+from . import contextual, router
 from .state import (ATTR, LayerState, activation_name, active, begin_layer, convert_layer, converted, ffn_call,
                     find_layers, heads_of, layer_plan, restore_modules)
 
@@ -124,6 +124,8 @@ class SparseLlamaMLP:
         st: LayerState = self._sparse_layer_state
         if (st.ffn is None and st.ffn_threshold is not None) or st.ffn_calib is not None:
             return contextual.forward(st, self, x, self._sparse_act)
+        if st.gates is not None and router.router_of(st) is not None:
+            return router.forward(st, self, x, self._sparse_act)
         call = ffn_call(st, x.shape[0], x.shape[1])
         if call is None:
             return super().forward(x)

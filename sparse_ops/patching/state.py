@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..gates import UnitGate
 from ..nn.attention_paths import forward_sparse
 
 ATTR = "_sparse_state"
@@ -40,6 +41,10 @@ class LayerState:
     # gate's values (float, exact zeros skipped), or the mask alone where that kind has no gate.
     gates: object | None = None
     now: dict | None = None
+    # A routed FFN (patching/router.py, gates["ffn"] an FFNRouter): the MLP inputs fit_routers
+    # records, and the transposed down-projection copy (set_router_down).
+    router_record: list | None = None
+    router_down_t: torch.Tensor | None = None
     # LayerDrop (patching.layer_dropout): in training, each sample (or the whole batch) skips this
     # layer with probability drop_p, drawn from drop_gen (None: torch's default generator).
     drop_p: float = 0.0
@@ -110,8 +115,10 @@ def begin_layer(st: LayerState, B: int, T: int, training: bool = False, device=N
         drawn = drawn.to(device).expand(B)
         keep = drawn if keep is None else keep & drawn
     if st.gates is not None:
+        fg = st.gates.get("ffn")
         st.now = {"heads": _gated(st.heads, st.gates.get("heads"), st.num_heads),
-                  "ffn": _gated(st.ffn, st.gates.get("ffn"), st.ffn_size),
+                  # an FFNRouter needs the MLP's input: the MLP applies it (patching/router.py)
+                  "ffn": st.ffn if not isinstance(fg, UnitGate) else _gated(st.ffn, fg, st.ffn_size),
                   "keep": _gated(keep, st.gates.get("layer"), None)}
     else:
         st.now = {"heads": st.heads, "ffn": st.ffn, "keep": keep} if dropping else None

@@ -24,6 +24,7 @@ import os
 import torch
 
 from .. import patching
+from ..gates import UnitGate
 from ._arch import arch, renumber
 
 
@@ -58,6 +59,9 @@ def _plan(st):
     if st.ffn_threshold is not None:
         raise ValueError("sparse_ops.pruning.compact: contextual FFN sparsity is on (its columns depend on the input); "
                          "turn it off (set_contextual_ffn(model, None)) before compacting")
+    if st.gates is not None and not isinstance(st.gates.get("ffn"), (type(None), UnitGate)):
+        raise ValueError("sparse_ops.pruning.compact: the FFN columns are routed (gate='router': they depend on the "
+                         "input); compact needs static masks or gates")
     out = {}
     for kind, n, gk in (("heads", st.num_heads, "heads"), ("ffn", st.ffn_size, "ffn")):
         m = _static(f"{kind}[{st.index}]", getattr(st, kind), n)
