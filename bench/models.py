@@ -200,6 +200,17 @@ def _cats_hooks(model, thresholds):
     return hs
 
 
+def _decode_step(model, cache, nxt):
+    """One timed decode step of `model` on the tokens nxt after `cache`, which is cropped back to
+    its context afterwards, so every call is the same step. Returns the logits."""
+    def f():
+        with torch.inference_mode():
+            out = model(nxt, cache=cache, use_cache=True).logits
+        cache.crop(-1)
+        return out
+    return f
+
+
 def _smollm2_decode_cases(d, dense, sparse):
     """Decode steps with contextual (CATS-style) FFN sparsity at 50%, batch 1 and 4, a 128-token
     cache of real text. Thresholds calibrated on 8 x 128 tokens of lee_background.cor; perplexity
@@ -229,23 +240,13 @@ def _smollm2_decode_cases(d, dense, sparse):
             # the reference's own cache: its context ran with the masks too
             caches["masked"] = _hooked(_cats_hooks(dense, th), lambda: dense(ctx, use_cache=True).past_key_values)
 
-        def step(model, which):
-            c = caches[which]
-
-            def f():
-                with torch.inference_mode():
-                    out = model(nxt, cache=c, use_cache=True).logits
-                c.crop(-1)  # back to the 128-token context: every timed step is the same step
-                return out
-            return f
-
-        def masked(f=step(dense, "masked")):
+        def masked(f=_decode_step(dense, caches["masked"], nxt)):
             return _hooked(_cats_hooks(dense, th), f)
 
-        run_sparse = step(sparse, "sparse")
+        run_sparse = _decode_step(sparse, caches["sparse"], nxt)
         case = {"op": "models", "case": f"decode CATS 50% B={Bd}", "device": "cpu", "dtype": "float32",
                 "shape": f"SmolLM2-135M decode B={Bd} cache 128", "keep": 0.5, "backend": "auto",
-                "fns": {"dense": step(dense, "dense"), "masked": masked, "sparse": run_sparse}}
+                "fns": {"dense": _decode_step(dense, caches["dense"], nxt), "masked": masked, "sparse": run_sparse}}
 
         def check(case=case, run_sparse=run_sparse, masked=masked):
             a, b = run_sparse(), masked()
@@ -306,24 +307,14 @@ def _smollm2_router_cases(d, ids, dense, cats, th, held_out, ppl_dense, ppl_cats
                       "cats": cats(ctx, use_cache=True).past_key_values}
             caches["masked"] = _hooked(_router_hooks(dense, routers), lambda: dense(ctx, use_cache=True).past_key_values)
 
-        def step(model, which):
-            c = caches[which]
-
-            def f():
-                with torch.inference_mode():
-                    out = model(nxt, cache=c, use_cache=True).logits
-                c.crop(-1)
-                return out
-            return f
-
-        def masked(f=step(dense, "masked")):
+        def masked(f=_decode_step(dense, caches["masked"], nxt)):
             return _hooked(_router_hooks(dense, routers), f)
 
-        run_sparse = step(routed, "sparse")
+        run_sparse = _decode_step(routed, caches["sparse"], nxt)
         case = {"op": "models", "case": f"decode router 50% B={Bd}", "device": "cpu", "dtype": "float32",
                 "shape": f"SmolLM2-135M decode B={Bd} cache 128", "keep": 0.5, "backend": "auto",
-                "fns": {"dense": step(dense, "dense"), "masked": masked, "sparse": run_sparse,
-                        "cats": step(cats, "cats")}}
+                "fns": {"dense": _decode_step(dense, caches["dense"], nxt), "masked": masked, "sparse": run_sparse,
+                        "cats": _decode_step(cats, caches["cats"], nxt)}}
 
         def check(case=case, run_sparse=run_sparse, masked=masked):
             a, b = run_sparse(), masked()

@@ -56,15 +56,21 @@ def ste_threshold(scores: torch.Tensor, threshold: float = 0.0, temperature: flo
     return _straight_through(hard, soft)
 
 
+def topk_mask(scores: torch.Tensor, k: int, dim: int = -1) -> torch.Tensor:
+    """bool, True at the k largest scores along `dim` (no gradient)."""
+    out = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
+    if k > 0:
+        out.scatter_(dim, scores.detach().topk(k, dim=dim).indices, True)
+    return out
+
+
 def ste_topk(scores: torch.Tensor, k: int, dim: int = -1, temperature: float = 1.0) -> torch.Tensor:
     """Hard gate: 1 for the k largest scores along `dim`, else 0; gradient of softmax(scores / T) * k."""
     n = scores.shape[dim]
     if not 0 <= k <= n:
         raise ValueError(f"ste_topk: k must be in [0, {n}] (size of dim {dim}); got {k}")
     _positive("ste_topk", "temperature", temperature)
-    hard = torch.zeros_like(scores)
-    if k > 0:
-        hard.scatter_(dim, scores.topk(k, dim=dim).indices, 1.0)
+    hard = topk_mask(scores, k, dim).to(scores.dtype)
     soft = torch.softmax(scores / temperature, dim=dim) * k
     return _straight_through(hard, soft)
 
@@ -226,11 +232,7 @@ class FFNRouter(nn.Module):
 
     def mask(self, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            z = self(x)
-            out = torch.zeros(z.shape, dtype=torch.bool, device=z.device)
-            if self.k > 0:
-                out.scatter_(-1, z.topk(self.k, dim=-1).indices, True)
-            return out
+            return topk_mask(self(x), self.k)
 
     def gate(self, x: torch.Tensor) -> torch.Tensor:
         return ste_topk(self(x), self.k)

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import activations
-from ..gates import FFNRouter
+from ..gates import FFNRouter, topk_mask
 from ..ops import gated_ffn
 from .contextual import sparse_pays
 from .state import LayerState
@@ -68,9 +68,7 @@ def forward(st: LayerState, mlp, x: torch.Tensor, act: str) -> torch.Tensor:
         st.add("ffn", r.k, 0)
         return gated_ffn(x, g.weight, w2, idx, b1=g.bias, b2=dn.bias, w3=u.weight, activation=act,
                          w2_transposed=t)
-    mask = torch.zeros(z.shape, dtype=torch.bool, device=z.device)
-    if r.k > 0:
-        mask.scatter_(-1, z.topk(r.k, dim=-1).indices, True)
+    mask = topk_mask(z, r.k)
     nu = int(mask.reshape(N, Fn).any(0).sum())
     if not sparse_pays(N, nu, Fn):
         st.add("ffn", N * Fn, 0)
@@ -87,11 +85,7 @@ def set_down_copies(states, mlps, transposed: bool) -> None:
 def _labels(mlp, x, act, k):
     """Each row's k columns of largest |act(x W_gate) * (x W_up)| (bool [N, F])."""
     g, u = mlp.gate_proj, mlp.up_proj
-    h = (activations.forward(act)(F.linear(x, g.weight, g.bias)) * u(x)).abs()
-    out = torch.zeros(h.shape, dtype=torch.bool, device=h.device)
-    if k > 0:
-        out.scatter_(1, h.topk(k, dim=1).indices, True)
-    return out
+    return topk_mask((activations.forward(act)(F.linear(x, g.weight, g.bias)) * u(x)).abs(), k)
 
 
 def fit(model, states, mlps, act, batches, steps: int, lr: float, batch_rows: int, max_rows: int, seed: int):
