@@ -19,6 +19,9 @@ Model-level gates (what `sparse_ops.patch(model, gate=...)` attaches to each lay
 - FFNRouter(d, F, keep, rank): an input-dependent gate for FFN columns (a Deja Vu-style low-rank
   predictor on the FFN's input): per row (token), the round(keep * F) columns with the largest
   predicted scores run. Fitted to the dense model's own activations (sparse_ops.fit_routers).
+- SampleRouter(d, n, keep): an input-dependent gate per sample, from the mean over tokens of a
+  layer's input: the round(keep * n) heads with the highest scores (n = H), or, n = 1, whether the
+  layer runs (score > 0; its keep fraction is learned, as a threshold gate's).
 - LayerGates: a layer's gates by kind ("heads", "ffn", "layer"); a child module of the layer,
   so its parameters are in model.parameters() and state_dict (keys `...sparse_gates.<kind>.*`).
 - keep_fractions(model): expected fraction of (row, unit) pairs computed per kind, as
@@ -247,16 +250,116 @@ class FFNRouter(nn.Module):
         return f"d={self.d}, F={self.n}, rank={self.rank}, k={self.k}"
 
 
+class SampleRouter(nn.Module):
+    """Input-dependent gate per sample: scores = W layer_norm(mean over tokens of the layer's
+    input) + b, one linear map [n, d] (per sample, not per token: it costs B * d * n multiply-adds
+    against the layer's B * T * 12 * d**2 or so). The layer norm (no parameters) makes the scores
+    independent of the residual stream's scale, which grows with depth in pre-norm decoders.
+
+    n > 1 (heads): exactly k = round(keep * n) units on per sample, the k highest scores; `gate`
+      is ste_topk (0/1 forward, softmax-surrogate gradient); `expected()` is k / n, fixed.
+    n == 1 (the layer): the layer runs for a sample where its score > 0; `gate` is ste_threshold
+      (sigmoid gradient); keep must be None: the fraction is learned (budget_loss(layers=...)),
+      and `expected()` is the fraction of the last forward's samples on, with the sigmoid's
+      gradient (call budget_loss after the forward it should count).
+    Starts near a static gate: small weights (1e-3 * randn), distinct small biases for heads (no
+    top-k ties), bias 1 for a layer (every sample runs at the start, as a threshold gate does).
+
+    `pool(x, valid)` maps a layer input [B, T, d] to the router's input [B, d]: the mean over the
+    real tokens (valid: bool [B, T]; the patched layers derive it from the attention mask, so a
+    sample's route does not depend on how much padding its batch has), detached: the router
+    learns which units to run, and the model's weights get no gradient through its choice, so a
+    skipped unit contributes nothing to any gradient. Calling the router on that gives scores [B, n]; `mask(p)` bool [B, n] (a
+    layer: [B]); `gate(p)` the straight-through float values, shaped the same.
+    """
+
+    def __init__(self, d: int, n: int, keep: float | None = 0.5):
+        super().__init__()
+        for name, v in (("d", d), ("n", n)):
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise ValueError(f"SampleRouter: {name} must be a positive int; got {v!r}")
+        if n == 1:
+            if keep is not None:
+                raise ValueError(f"SampleRouter: a layer router (n = 1) learns its keep fraction (use budget_loss); "
+                                 f"keep must be None; got {keep!r}")
+            self.k = None
+        else:
+            keep = 0.5 if keep is None else keep
+            if isinstance(keep, bool) or not isinstance(keep, numbers.Real) or not 0.0 <= keep <= 1.0:
+                raise ValueError(f"SampleRouter: keep must be a fraction in [0, 1]; got {keep!r}")
+            self.k = int(round(keep * n))
+        self.d, self.n = d, n
+        self.score = nn.Linear(d, n)
+        with torch.no_grad():
+            self.score.weight.normal_(0.0, 1e-3)
+            self.score.bias.copy_(torch.ones(n) if n == 1 else 1e-3 * torch.randn(n))
+        self._last = None  # a layer router's soft fraction on, of the last forward (expected())
+
+    def pool(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        """layer_norm of the mean of x [B, T, d] over its tokens (valid: bool [B, T], the real
+        tokens; None: all of them), detached."""
+        if not isinstance(x, torch.Tensor) or x.dim() not in (2, 3) or x.shape[-1] != self.d:
+            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"SampleRouter: a layer input must be a tensor [B, T, {self.d}] (or [B, {self.d}]); "
+                             f"got {got}")
+        x = x.detach()
+        if x.dim() == 2:
+            p = x
+        elif valid is None:
+            p = x.mean(1)
+        else:
+            if not isinstance(valid, torch.Tensor) or valid.dtype != torch.bool or tuple(valid.shape) != x.shape[:2]:
+                got = (valid.dtype, tuple(valid.shape)) if isinstance(valid, torch.Tensor) else type(valid).__name__
+                raise ValueError(f"SampleRouter: valid must be a bool tensor {tuple(x.shape[:2])} (the real tokens); "
+                                 f"got {got}")
+            v = valid.to(x.dtype).unsqueeze(-1)
+            p = (x * v).sum(1) / v.sum(1).clamp_min(1.0)
+        return nn.functional.layer_norm(p.to(self.score.weight.dtype), (self.d,))
+
+    def forward(self, p: torch.Tensor) -> torch.Tensor:
+        return self.score(p)
+
+    def mask(self, p: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            z = self(p)
+            if self.k is None:
+                self._last = (z[:, 0] > 0).to(z.dtype).mean()
+                return z[:, 0] > 0
+            return topk_mask(z, self.k)
+
+    def gate(self, p: torch.Tensor) -> torch.Tensor:
+        z = self(p)
+        if self.k is None:
+            g = ste_threshold(z[:, 0])
+            soft = torch.sigmoid(z[:, 0]).mean()
+            self._last = _straight_through(g.detach().mean(), soft)
+            return g
+        return ste_topk(z, self.k)
+
+    def expected(self) -> torch.Tensor:
+        if self.k is not None:
+            return self.score.bias.new_tensor(self.k / self.n)
+        if self._last is None:
+            raise ValueError("SampleRouter: a layer router's expected keep is that of its last forward; run the "
+                             "model first")
+        return self._last
+
+    def extra_repr(self) -> str:
+        return f"d={self.d}, n={self.n}" + (f", k={self.k}" if self.k is not None else " (layer)")
+
+
 class LayerGates(nn.Module):
     """A layer's gates by kind (children `heads`, `ffn`, `layer`: a UnitGate, an FFNRouter for
-    "ffn", or absent)."""
+    "ffn", a SampleRouter for "heads" or "layer", or absent)."""
 
     def __init__(self, gates: dict):
         super().__init__()
         for kind, g in gates.items():
-            ok = isinstance(g, UnitGate) or (kind == "ffn" and isinstance(g, FFNRouter))
+            ok = (isinstance(g, UnitGate) or (kind == "ffn" and isinstance(g, FFNRouter))
+                  or (kind != "ffn" and isinstance(g, SampleRouter) and (g.n == 1) == (kind == "layer")))
             if kind not in UNIT_KINDS or not ok:
-                raise ValueError(f"LayerGates: expected UnitGates keyed by {UNIT_KINDS} (or an FFNRouter for 'ffn'); "
+                raise ValueError(f"LayerGates: expected UnitGates keyed by {UNIT_KINDS} (or an FFNRouter for 'ffn', "
+                                 f"a SampleRouter for 'heads' / 'layer'); "
                                  f"got {kind!r}: {g!r}")
             self.add_module(kind, g)
 
@@ -362,5 +465,5 @@ def budget_loss(model, *, heads=None, ffn=None, layers=None, step=None, warmup_s
     return loss + sum(u.sum() for u in unused) * 0.0 if unused else loss
 
 
-__all__ = ["ste_threshold", "ste_topk", "gumbel_gate", "HardConcrete", "UnitGate", "FFNRouter", "LayerGates", "keep_fractions",
+__all__ = ["ste_threshold", "ste_topk", "gumbel_gate", "HardConcrete", "UnitGate", "FFNRouter", "SampleRouter", "LayerGates", "keep_fractions",
            "budget_loss", "BudgetMultipliers", "GATE_KINDS"]

@@ -146,8 +146,8 @@ def test_keep_fractions_state_dict_and_unpatch():
 
 
 def test_clear_errors():
-    with pytest.raises(ValueError, match=r"gate\['heads'\] must be"):
-        sparse_ops.patch(small_llama(), gate={"heads": "router"})
+    with pytest.raises(ValueError, match="only an FFN router takes a rank"):  # heads: per-sample SampleRouter
+        sparse_ops.patch(small_llama(), gate={"heads": ("router", 0.5, 8)})
     with pytest.raises(ValueError, match="router keep must be in"):
         sparse_ops.patch(small_llama(), gate={"ffn": ("router", 1.5)})
     with pytest.raises(ValueError, match="router rank must be a positive int"):

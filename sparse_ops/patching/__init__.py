@@ -20,7 +20,8 @@ layers are not computed.
 Supported today: torch.nn.TransformerEncoder / TransformerEncoderLayer (patching/torch_encoder.py)
 Hugging Face BERT-family encoders (patching/bert.py) and LLaMA-family decoders (patching/llama.py:
 GQA, rotary, SwiGLU, a KV cache, contextual FFN sparsity) and GPT-2 (patching/gpt2.py: Conv1D
-weights). Learned gates: patching/gating.py (static) and patching/router.py (routed FFN columns).
+weights). Learned gates: patching/gating.py (static, and which router goes where), patching/router.py
+(routed FFN columns) and state.begin_layer (per-sample head and layer routers).
 
 How masks are read: set_masks stores them on each layer (a LayerState, patching/state.py); a
 [B, ...] mask applies to batches of that size. stats counts, in the converted modules, the unit
@@ -64,9 +65,10 @@ def patch(model, *, heads=True, ffn=True, layers=True, gate=None):
         return model
     for family, mod in _FAMILIES:
         found = mod.layers_of(model)
-        if found and gating.has_router(spec) and mod is not llama:
+        if found and gating.has_ffn_router(spec) and mod is not llama:
             raise TypeError(f"sparse_ops.patch: a router gate for FFN columns needs a gated (SwiGLU) MLP, as in "
-                            f"LLaMA-family decoders; this {type(model).__name__} is a {family}")
+                            f"LLaMA-family decoders; this {type(model).__name__} is a {family} (head and layer routers, per "
+                            f"sample, work in every family: gate={{'heads': ('router', keep), 'layers': 'router'}})")
         if found:
             states = mod.convert(model, found, bool(heads), bool(ffn), bool(layers))
             # Counts restart at each forward of the module that runs the layers (the encoder or

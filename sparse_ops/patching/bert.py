@@ -85,7 +85,7 @@ class SparseBertLayer:
         st: LayerState = getattr(self, ATTR)
         B = hidden_states.shape[0]
         T = hidden_states.shape[1] if hidden_states.dim() == 3 else 1
-        begin_layer(st, B, T, self.training, hidden_states.device)
+        begin_layer(st, B, T, self.training, hidden_states.device, hidden_states, attention_mask)
         keep, gate = layer_plan(st, B)
         full = super().forward
         if gate is None and (keep is None or (keep.dim() == 1 and bool(keep.all()))):
@@ -126,7 +126,8 @@ def convert(model, layers, heads: bool, ffn: bool, layer_skip: bool):
     states = []
     for i, layer in enumerate(layers):
         sa = layer.attention.self
-        st = LayerState(i, sa.num_attention_heads, layer.intermediate.dense.out_features)
+        st = LayerState(i, sa.num_attention_heads, layer.intermediate.dense.out_features,
+                        width=sa.query.in_features)
         if ffn:
             layer._sparse_act = activation_of(layer)
         # The attention is converted whatever `heads` says: it counts the pairs it runs for stats.

@@ -9,9 +9,12 @@ gate= forms:
   "router"                        an input-dependent FFNRouter for the FFN columns of each layer
                                   (LLaMA-family gated MLPs; keep 0.5, rank 64; patching/router.py),
                                   the same as {"ffn": ("router", 0.5)}; ("router", keep, rank) too
-  {"heads": g, "ffn": g, "layers": g}   per kind; g a kind, (kind, keep) for topk's or the
-                                  router's fraction, or None (no gate for that kind); kinds left
-                                  out get none. A router is for "ffn" only.
+  {"heads": g, "ffn": g, "layers": g}   per kind; g a kind, (kind, keep) for topk's or a router's
+                                  fraction, or None (no gate for that kind); kinds left out get
+                                  none. Routers by kind: "ffn" per token, before the projections
+                                  (FFNRouter, LLaMA family); "heads" per sample, ("router", keep)
+                                  of the heads (SampleRouter, every family); "layers" per sample,
+                                  "router" (a SampleRouter whose keep fraction is learned).
 Only the parts patched (patch's heads= / ffn= / layers=) get gates.
 """
 from __future__ import annotations
@@ -20,7 +23,7 @@ import numbers
 
 import torch
 
-from ..gates import GATE_KINDS, FFNRouter, LayerGates, UnitGate
+from ..gates import GATE_KINDS, FFNRouter, LayerGates, SampleRouter, UnitGate
 
 _KIND_KEYS = {"heads": "heads", "ffn": "ffn", "layers": "layer"}
 NAME = "sparse_gates"
@@ -35,21 +38,12 @@ def _one(key, g):
         return None
     if isinstance(g, str):
         g = (g, None)
-    if isinstance(g, tuple) and len(g) in (2, 3) and g[0] == ROUTER:
-        if key != "ffn":
-            raise ValueError(f"sparse_ops.patch: a router gate picks FFN columns; gate[{key!r}] must be "
-                             f"{GATE_KINDS} or None (input-dependent {key} gates are not available)")
-        keep = 0.5 if g[1] is None else g[1]
-        if isinstance(keep, bool) or not isinstance(keep, numbers.Real) or not 0.0 <= keep <= 1.0:
-            raise ValueError(f"sparse_ops.patch: gate['ffn']'s router keep must be in [0, 1]; got {g[1]!r}")
-        rank = g[2] if len(g) == 3 else ROUTER_RANK
-        if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
-            raise ValueError(f"sparse_ops.patch: gate['ffn']'s router rank must be a positive int; got {rank!r}")
-        return (ROUTER, float(keep), rank)
+    if isinstance(g, tuple) and len(g) in (1, 2, 3) and g[0] == ROUTER:
+        return _router(key, g)
     if (not isinstance(g, tuple) or len(g) != 2 or g[0] not in GATE_KINDS
             or (g[1] is not None and (isinstance(g[1], bool) or not isinstance(g[1], numbers.Real)))):
-        raise ValueError(f"sparse_ops.patch: gate[{key!r}] must be one of {GATE_KINDS}, (\"topk\", keep), "
-                         f"(\"router\", keep) for 'ffn', or None; got {g!r}")
+        raise ValueError(f"sparse_ops.patch: gate[{key!r}] must be one of {GATE_KINDS + (ROUTER,)}, (\"topk\", keep), "
+                         f"(\"router\", keep), or None; got {g!r}")
     if g[0] == "topk" and key == "layers":
         raise ValueError("sparse_ops.patch: a topk gate needs several units; a layer has one flag, so give "
                          "gate['layers'] 'hard_concrete', 'threshold' or None")
@@ -59,6 +53,29 @@ def _one(key, g):
     if g[1] is not None and not 0.0 <= g[1] <= 1.0:
         raise ValueError(f"sparse_ops.patch: gate[{key!r}]'s keep must be in [0, 1]; got {g[1]!r}")
     return g
+
+
+def _router(key, g):
+    """(ROUTER, keep, rank) for an "ffn" router, (ROUTER, keep, None) for "heads", (ROUTER, None,
+    None) for "layers" (a layer router learns its fraction), or a clear error."""
+    keep = g[1] if len(g) > 1 else None
+    if len(g) == 3 and key != "ffn":
+        raise ValueError(f"sparse_ops.patch: gate[{key!r}] = {g!r}: only an FFN router takes a rank; a {key} router "
+                         f"is one linear map per layer: ('router', keep)" + ("" if key == "heads" else " without keep"))
+    if key == "layers":
+        if keep is not None:
+            raise ValueError(f"sparse_ops.patch: gate['layers'] = {g!r}: a layer router learns which samples run the "
+                             f"layer (its keep fraction: sparse_ops.gates.budget_loss(layers=...)); give 'router'")
+        return (ROUTER, None, None)
+    keep = 0.5 if keep is None else keep
+    if isinstance(keep, bool) or not isinstance(keep, numbers.Real) or not 0.0 <= keep <= 1.0:
+        raise ValueError(f"sparse_ops.patch: gate[{key!r}]'s router keep must be in [0, 1]; got {g[1]!r}")
+    if key == "heads":
+        return (ROUTER, float(keep), None)
+    rank = g[2] if len(g) == 3 else ROUTER_RANK
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
+        raise ValueError(f"sparse_ops.patch: gate['ffn']'s router rank must be a positive int; got {rank!r}")
+    return (ROUTER, float(keep), rank)
 
 
 def parse(gate, parts):
@@ -85,7 +102,7 @@ def parse(gate, parts):
     return spec or None
 
 
-def has_router(spec) -> bool:
+def has_ffn_router(spec) -> bool:
     return spec is not None and spec.get("ffn", (None,))[0] == ROUTER
 
 
@@ -94,12 +111,19 @@ def router_inputs(layer) -> int:
     return layer.mlp.gate_proj.in_features
 
 
+def _gate(layer, st, key, g):
+    n = {"heads": st.num_heads, "ffn": st.ffn_size, "layers": 1}[key]
+    if g[0] != ROUTER:
+        return UnitGate(g[0], n, g[1])
+    if key == "ffn":
+        return FFNRouter(router_inputs(layer), n, g[1], g[2])
+    return SampleRouter(st.width, n, g[1])
+
+
 def attach(layers, states, spec):
     """A LayerGates on each layer (on the device and dtype of the layer's parameters)."""
     for layer, st in zip(layers, states):
-        sizes = {"heads": st.num_heads, "ffn": st.ffn_size, "layers": 1}
-        gates = LayerGates({_KIND_KEYS[k]: FFNRouter(router_inputs(layer), sizes[k], g[1], g[2])
-                            if g[0] == ROUTER else UnitGate(g[0], sizes[k], g[1]) for k, g in spec.items()})
+        gates = LayerGates({_KIND_KEYS[k]: _gate(layer, st, k, g) for k, g in spec.items()})
         p = next(layer.parameters(), None)
         if p is not None:
             gates.to(device=p.device, dtype=p.dtype if p.is_floating_point() else torch.float32)

@@ -60,7 +60,6 @@ class SparseGPT2Attention:
                                    output_attentions=output_attentions, **kwargs)
         m, heads = heads_of(st, n)
         K = heads.numel()
-        st.add("heads", n * K, 0)
         x = hidden_states
         dev = x.device
         kv = torch.arange(H, device=dev) if cache is not None else heads
@@ -122,7 +121,7 @@ class SparseGPT2Block:
         st: LayerState = getattr(self, ATTR)
         cache = cache if cache is not None else kwargs.pop("past_key_values", None)
         B, T = hidden_states.shape[:2]
-        begin_layer(st, B, T, self.training, hidden_states.device)
+        begin_layer(st, B, T, self.training, hidden_states.device, hidden_states, attention_mask)
         keep, gate = layer_plan(st, B)
         full = super().forward
         call = dict(cache=cache, attention_mask=attention_mask, encoder_hidden_states=encoder_hidden_states,
@@ -179,7 +178,7 @@ def convert(model, layers, heads: bool, ffn: bool, layer_skip: bool):
     states = []
     for i, layer in enumerate(layers):
         a = layer.attn
-        st = LayerState(i, a.num_heads, layer.mlp.c_fc.weight.shape[1])
+        st = LayerState(i, a.num_heads, layer.mlp.c_fc.weight.shape[1], width=a.embed_dim)
         if ffn:
             layer.mlp._sparse_act = activation_name(ACTIVATIONS, getattr(cfg, "activation_function", None), "GPT-2")
         convert_layer(layer, st, [(a, SparseGPT2Attention), (layer.mlp, SparseGPT2MLP)])

@@ -75,7 +75,6 @@ class SparseLlamaAttention:
         D = self.head_dim
         Hkv = self.k_proj.out_features // D
         groups = H // Hkv
-        st.add("heads", n * K, 0)
         x = hidden_states
         # KV heads: every one with a cache (the cache stays whole), else those a running head reads.
         kv = torch.arange(Hkv, device=x.device) if cache is not None else torch.unique(heads // groups)
@@ -140,7 +139,7 @@ class SparseLlamaLayer:
         st: LayerState = getattr(self, ATTR)
         cache = cache if cache is not None else kwargs.pop("past_key_values", None)
         B, T = hidden_states.shape[:2]
-        begin_layer(st, B, T, self.training, hidden_states.device)
+        begin_layer(st, B, T, self.training, hidden_states.device, hidden_states, attention_mask)
         keep, gate = layer_plan(st, B)
         full = super().forward
         call = dict(attention_mask=attention_mask, position_ids=position_ids, cache=cache, use_cache=use_cache,
@@ -210,7 +209,7 @@ def convert(model, layers, heads: bool, ffn: bool, layer_skip: bool):
     for i, layer in enumerate(layers):
         a = layer.self_attn
         H = a.q_proj.out_features // a.head_dim
-        st = LayerState(i, H, layer.mlp.gate_proj.out_features)
+        st = LayerState(i, H, layer.mlp.gate_proj.out_features, width=a.q_proj.in_features)
         if ffn:
             layer.mlp._sparse_act = activation_name(ACTIVATIONS, getattr(cfg, "hidden_act", None),
                                                     type(layer.mlp).__name__)

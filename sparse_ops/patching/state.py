@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..gates import UnitGate
+from ..gates import SampleRouter, UnitGate
 from ..nn.attention_paths import forward_sparse
 
 ATTR = "_sparse_state"
@@ -23,6 +23,7 @@ class LayerState:
     index: int                       # the layer's position in the model
     num_heads: int
     ffn_size: int
+    width: int = 0                       # the layer's input width (d; a SampleRouter's input)
     heads: torch.Tensor | None = None    # None | bool [H] | bool [B, H]
     ffn: torch.Tensor | None = None      # None | bool [F] | int64 [K] | bool [B, F] | bool [B, T, F]
     keep: torch.Tensor | None = None     # this layer's column of the layers mask: None | bool [] | bool [B]
@@ -100,10 +101,28 @@ def restore_modules(mods, names=(ATTR, "_sparse_layer_state", "_sparse_act")):
                 delattr(mod, nm)
 
 
-def begin_layer(st: LayerState, B: int, T: int, training: bool = False, device=None):
+def token_mask(mask, B: int, T: int):
+    """The real tokens (bool [B, T]) of a layer's T queries from its attention mask, or None (all
+    real, or a mask form this does not read). mask: [B or 1, 1 or H, T, Tk] (bool, True = attend, or
+    additive float, its minimum = masked: a key is real when some query attends to it; with a
+    cache, the last T keys are the queries' own), or a [B, T] key-padding form already turned into
+    True = real by the family."""
+    if not isinstance(mask, torch.Tensor):
+        return None
+    if mask.dim() == 2 and mask.dtype == torch.bool and tuple(mask.shape) == (B, T):
+        return mask
+    if mask.dim() != 4 or mask.shape[-1] < T:
+        return None
+    att = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
+    real = att.any(2).any(1)[:, -T:]  # [B or 1, T]
+    return real.expand(B, T) if real.shape[0] in (1, B) else None
+
+
+def begin_layer(st: LayerState, B: int, T: int, training: bool = False, device=None, x=None, mask=None):
     """A layer's forward starts: the batch its modules see, what a dense forward would compute, and
     what this forward runs: the masks that are set, with (in training) this forward's LayerDrop
-    draw and (with learned gates) the gates' values combined in (st.now)."""
+    draw and (with learned gates) the gates' values combined in (st.now). x: the layer's input
+    [B, T, d], mask its attention mask (token_mask's forms) — what a SampleRouter reads."""
     st.batch, st.rows = B, None
     st.add("heads", 0, B * st.num_heads)
     st.add("ffn", 0, B * T * st.ffn_size)
@@ -116,25 +135,48 @@ def begin_layer(st: LayerState, B: int, T: int, training: bool = False, device=N
         keep = drawn if keep is None else keep & drawn
     if st.gates is not None:
         fg = st.gates.get("ffn")
-        st.now = {"heads": _gated(st.heads, st.gates.get("heads"), st.num_heads),
+        pooled = _pooled(st, x, mask)
+        st.now = {"heads": _gated(st.heads, st.gates.get("heads"), st.num_heads, pooled),
                   # an FFNRouter needs the MLP's input: the MLP applies it (patching/router.py)
                   "ffn": st.ffn if not isinstance(fg, UnitGate) else _gated(st.ffn, fg, st.ffn_size),
-                  "keep": _gated(keep, st.gates.get("layer"), None)}
+                  "keep": _gated(keep, st.gates.get("layer"), None, pooled)}
     else:
         st.now = {"heads": st.heads, "ffn": st.ffn, "keep": keep} if dropping else None
 
 
-def _gated(mask, gate, n):
-    """The mask (bool, or int64 indices when n is given) times the gate's values of this forward."""
+def _pooled(st: LayerState, x, mask):
+    """(router input [B, d], learn) for the layer's SampleRouters, or None when it has none.
+    learn: the routers' straight-through float gates (grad enabled and their parameters learn), else
+    their bool masks (inference: nothing multiplies)."""
+    routers = [g for g in (st.gates.get("heads"), st.gates.get("layer")) if isinstance(g, SampleRouter)]
+    if not routers:
+        return None
+    if x is None:
+        raise RuntimeError(f"sparse_ops: layer {st.index} has an input-dependent gate but its forward gave "
+                           f"begin_layer no input")
+    learn = torch.is_grad_enabled() and any(p.requires_grad for r in routers for p in r.parameters())
+    B, T = x.shape[0], (x.shape[1] if x.dim() == 3 else 1)
+    return routers[0].pool(x, token_mask(mask, B, T) if x.dim() == 3 else None), learn
+
+
+def _gated(mask, gate, n, pooled=None):
+    """The mask (bool, or int64 indices when n is given) times the gate's values of this forward
+    (a SampleRouter's: per sample, [B, n] or [B] for the layer; bool when not learning)."""
     if gate is None:
         return mask
-    g = gate()
-    if n is None:  # the layer gate: one value, [] ; a [B] keep mask selects per sample
-        g = g.reshape(())
+    if isinstance(gate, SampleRouter):
+        p, learn = pooled
+        g = gate.gate(p) if learn else gate.mask(p)
+    else:
+        g = gate()
+        if n is None:  # the layer gate: one value, [] ; a [B] keep mask selects per sample
+            g = g.reshape(())
     if mask is None:
         return g
     if mask.dtype == torch.int64:
         mask = torch.zeros(n, dtype=torch.bool, device=mask.device).index_fill_(0, mask, True)
+    if g.dtype == torch.bool:
+        return mask & g
     return torch.where(mask, g, g.new_zeros(()))
 
 
@@ -221,10 +263,12 @@ def attend_heads(st: LayerState, w, x, mask4, causal: bool, dropout_p: float):
 
 def heads_of(st: LayerState, n: int):
     """(m, heads): this call's head mask ([H], or [n, H] for its samples; bool, or float gate values)
-    and the sorted heads that run for at least one of them."""
+    and the sorted heads that run for at least one of them; counts the (sample, head) pairs that
+    run (a per-sample mask's off pairs are skipped inside masked_head_attention)."""
     h = active(st, "heads")
     m = h if h.dim() == 1 else st.rows_of(h, n)
     on = m != 0 if m.is_floating_point() else m
+    st.add("heads", n * int(on.sum()) if on.dim() == 1 else int(on.sum()), 0)
     union = on if on.dim() == 1 else on.any(0)
     return m, torch.nonzero(union).flatten()
 

@@ -64,7 +64,10 @@ class SparseEncoderLayer:
             if src_key_padding_mask is not None:
                 src_key_padding_mask = src_key_padding_mask.unsqueeze(0)
         B, T = x.shape[0], x.shape[1]
-        begin_layer(st, B, T, self.training, x.device)
+        kpm = src_key_padding_mask  # True (or -inf) = padding; what a SampleRouter reads: True = real
+        real = None if kpm is None or st.gates is None else (
+            ~kpm if kpm.dtype == torch.bool else kpm > torch.finfo(kpm.dtype).min / 2)
+        begin_layer(st, B, T, self.training, x.device, x, real)
         keep, gate = layer_plan(st, B)
         body = self._sparse_body
         if gate is None and (keep is None or (keep.dim() == 0 and bool(keep))
@@ -141,7 +144,8 @@ class SparseEncoderLayer:
 def convert(model, layers, heads: bool, ffn: bool, layer_skip: bool):
     states = []
     for i, layer in enumerate(layers):
-        st = LayerState(i, layer.self_attn.num_heads, layer.linear1.out_features)
+        st = LayerState(i, layer.self_attn.num_heads, layer.linear1.out_features,
+                        width=layer.self_attn.embed_dim)
         layer._sparse_act = activation_of(layer) if ffn else None
         setattr(layer, ATTR, st)
         layer.__class__ = converted(type(layer), SparseEncoderLayer)
