@@ -9,6 +9,16 @@ from torch import nn
 
 import sparse_ops
 from sparse_ops.nn import SparseMultiheadAttention
+from sparse_ops.nn import attention_paths
+
+
+@pytest.fixture(params=["grouped", "union"])
+def grouping(request, monkeypatch):
+    """A per-sample head mask either way forward_sparse can run it: grouped per sample, or on the
+    batch's union of heads with the mask as a gate (attention_paths.grouping_pays picks by shape)."""
+    c = 0.0 if request.param == "grouped" else float("inf")
+    monkeypatch.setattr(attention_paths, "GROUPING_MIN", {False: c, True: c})
+    return request.param
 
 E, H, B, L, S = 16, 4, 3, 5, 7
 D = E // H
@@ -216,7 +226,7 @@ def test_need_weights_equals_mha_all_on():
 @pytest.mark.parametrize("mask", list(masks()))
 @pytest.mark.parametrize("batch_first", [True, False])
 @pytest.mark.parametrize("am", ["none", "kpm_bool", "attn_bool_3d", "attn_float_3d_and_kpm"])
-def test_head_mask_equals_reference(mask, batch_first, am):
+def test_head_mask_equals_reference(mask, batch_first, am, grouping):
     mha, smha = make(batch_first=batch_first)
     q, k, v = inputs(batch_first)
     m = masks()[mask]
@@ -304,7 +314,7 @@ def test_dense_grad_gives_exact_gate_gradient_for_skipped_heads():
 
 
 # ------------------------------------------------------------------ gradcheck, NaN isolation
-def test_gradcheck_float64():
+def test_gradcheck_float64(grouping):
     torch.manual_seed(0)
     e, h, b, t = 8, 2, 2, 3
     smha = SparseMultiheadAttention(e, h, batch_first=True, dtype=F64)
@@ -328,7 +338,7 @@ def test_gradcheck_float64():
 
 
 @pytest.mark.parametrize("mask", ["bool_H", "float_H", "bool_BH_equalK", "bool_BH_two_groups"])
-def test_nan_in_off_head_does_not_leak(mask):
+def test_nan_in_off_head_does_not_leak(mask, grouping):
     mha, smha = make(batch_first=True)
     two = torch.tensor([[True, False, True, False], [False, True, True, False], [True, False, False, False]])
     m = two if mask == "bool_BH_two_groups" else masks()[mask]
@@ -457,3 +467,15 @@ def test_torch_compile_matches_eager(mask):
     g_c = torch.autograd.grad(out_c.sum(), [q, smha.in_proj_weight, smha.out_proj.weight])
     for a, b in zip(g_c, g_eager):
         torch.testing.assert_close(a, b, **tol(F32))
+
+
+def test_grouping_pays_by_sequence_length_and_gradients():
+    """Half of 12 heads per sample, every head in the batch's union: grouped per sample only for
+    long enough sequences (sooner with gradients), as measured (attention_paths.grouping_pays)."""
+    on = torch.zeros(4, 12, dtype=torch.bool)
+    for b in range(4):
+        on[b, torch.arange(6) * 2 + b % 2] = True
+    assert on.any(0).all()
+    assert not attention_paths.grouping_pays(on, 48, False) and not attention_paths.grouping_pays(on, 128, False)
+    assert attention_paths.grouping_pays(on, 256, False)
+    assert not attention_paths.grouping_pays(on, 48, True) and attention_paths.grouping_pays(on, 128, True)

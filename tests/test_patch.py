@@ -372,8 +372,11 @@ def test_torch_transformer_encoder(norm_first, batch_first):
     (ref * real).square().sum().backward()
     torch.testing.assert_close(out * real, ref * real, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(gx, xr.grad, rtol=1e-4, atol=1e-5)
+    # float32 sums in another order (per-sample heads run on the batch's union here): tolerance
+    # relative to the largest gradient (float64 agrees to 1e-14).
+    scale = max(float(p.grad.abs().max()) for p in enc.parameters())
     for n, p in enc.named_parameters():
-        torch.testing.assert_close(grads[n], p.grad, rtol=1e-4, atol=1e-5, msg=n)
+        torch.testing.assert_close(grads[n], p.grad, rtol=1e-4, atol=1e-6 * scale, msg=n)
 
 
 def test_torch_encoder_layer_alone_and_unsupported_activation():
