@@ -261,7 +261,8 @@ class SampleRouter(nn.Module):
     n == 1 (the layer): the layer runs for a sample where its score > 0; `gate` is ste_threshold
       (sigmoid gradient); keep must be None: the fraction is learned (budget_loss(layers=...)),
       and `expected()` is the fraction of the last forward's samples on, with the sigmoid's
-      gradient (call budget_loss after the forward it should count).
+      gradient (call budget_loss after the forward it should count; before any forward, the
+      router at a zero input: its bias alone).
     Starts near a static gate: small weights (1e-3 * randn), distinct small biases for heads (no
     top-k ties), bias 1 for a layer (every sample runs at the start, as a threshold gate does).
 
@@ -339,9 +340,9 @@ class SampleRouter(nn.Module):
     def expected(self) -> torch.Tensor:
         if self.k is not None:
             return self.score.bias.new_tensor(self.k / self.n)
-        if self._last is None:
-            raise ValueError("SampleRouter: a layer router's expected keep is that of its last forward; run the "
-                             "model first")
+        if self._last is None:  # no forward yet: the router at a zero input (the bias alone)
+            b = self.score.bias[0]
+            return _straight_through((b > 0).to(b.dtype), torch.sigmoid(b))
         return self._last
 
     def extra_repr(self) -> str:

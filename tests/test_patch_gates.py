@@ -360,14 +360,19 @@ sys.path.insert(0, os.path.join(sys.argv[4], "tests"))
 import sparse_ops
 from sparse_ops.gates import budget_loss
 from test_patch_gates import batch, parts, small
-rank, world, family = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+rank, world, family, routed = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[5] == "router"
 torch.set_num_threads(1)
 dist.init_process_group("gloo", rank=rank, world_size=world)
 model = small(family).train()
-sparse_ops.patch(model, gate={"heads": ("topk", 0.5), "ffn": "threshold", "layers": "threshold"})
+heads, lay = (("router", 0.5), "router") if routed else (("topk", 0.5), "threshold")
+sparse_ops.patch(model, gate={"heads": heads, "ffn": "threshold", "layers": lay})
 layers = [l for l, _, _ in parts(family, model)[0]]
 with torch.no_grad():
-    layers[1].sparse_gates.layer.score.fill_(-1.0)  # layer 1 closed for every sample
+    if routed:  # layer 1's router closes it for every sample
+        layers[1].sparse_gates.layer.score.weight.zero_()
+        layers[1].sparse_gates.layer.score.bias.fill_(-1.0)
+    else:
+        layers[1].sparse_gates.layer.score.fill_(-1.0)  # layer 1 closed for every sample
     layers[0].sparse_gates.ffn.score[::2] = -1.0     # half of layer 0's columns closed
 budget_loss(model, ffn=0.5)  # the multipliers exist before DDP wraps the model
 ddp = DDP(model)  # find_unused_parameters=False (the default)
@@ -388,17 +393,17 @@ dist.destroy_process_group()
 """
 
 
-@pytest.mark.parametrize("family", ["bert", "llama"])
-def test_gate_training_under_ddp_without_find_unused_parameters(family, tmp_path):
+@pytest.mark.parametrize("family,kind", [("bert", "static"), ("llama", "static"), ("bert", "router")])
+def test_gate_training_under_ddp_without_find_unused_parameters(family, kind, tmp_path):
     """Two processes (gloo, fresh interpreters): a closed layer and closed units still give every
     parameter a gradient, so DistributedDataParallel needs no find_unused_parameters (it raises at
     the next step otherwise), and the replicas stay equal."""
     script = tmp_path / "ddp_gates.py"
     script.write_text(_DDP_GATES)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29700 + os.getpid() % 200 + len(family)),
-               HF_HUB_OFFLINE="1")
-    procs = [subprocess.Popen([sys.executable, str(script), str(r), "2", family, root], env=env,
+    port = 29700 + os.getpid() % 200 + len(family) + (20 if kind == "router" else 0)
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), HF_HUB_OFFLINE="1")
+    procs = [subprocess.Popen([sys.executable, str(script), str(r), "2", family, root, kind], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
     try:
         outs = [p.communicate(timeout=300) for p in procs]
@@ -411,7 +416,7 @@ def test_gate_training_under_ddp_without_find_unused_parameters(family, tmp_path
     assert fields[:2] == ["same", "True"] and float(fields[3]) == pytest.approx(2 / 3), outs[0][0]
 
 
-@pytest.mark.parametrize("kind", ["threshold", "topk"])
+@pytest.mark.parametrize("kind", ["threshold", "topk", "router"])
 def test_gate_training_under_torch_compile_equals_eager(kind):
     """torch.compile(model) (aot_eager: the compiled forward and backward; value-dependent
     planning breaks the graph, it does not fail): two training steps of a gated model, the
@@ -419,9 +424,16 @@ def test_gate_training_under_torch_compile_equals_eager(kind):
     def steps(compiled):
         torch._dynamo.reset()
         model = small("bert").train()
-        sparse_ops.patch(model, gate=kind)
+        sparse_ops.patch(model, gate=kind if kind != "router" else {"heads": ("router", 0.5), "layers": "router"})
         with torch.no_grad():
-            model.encoder.layer[0].sparse_gates.heads.score.copy_(torch.tensor([1.0, -1.0, 0.5, -0.5]))
+            if kind == "router":  # per-sample heads, and layer 1 skipped by some samples
+                for i, layer in enumerate(model.encoder.layer):
+                    layer.sparse_gates.heads.score.weight.normal_(0.0, 1.0, generator=torch.Generator().manual_seed(i))
+                model.encoder.layer[1].sparse_gates.layer.score.weight.normal_(
+                    0.0, 1.0, generator=torch.Generator().manual_seed(7))
+                model.encoder.layer[1].sparse_gates.layer.score.bias.zero_()
+            else:
+                model.encoder.layer[0].sparse_gates.heads.score.copy_(torch.tensor([1.0, -1.0, 0.5, -0.5]))
         budget_loss(model, heads=0.5)
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         run = torch.compile(model, backend="aot_eager") if compiled else model

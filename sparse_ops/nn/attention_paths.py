@@ -133,6 +133,8 @@ def forward_sparse(w: Weights, q_in, k_in, v_in, m, on, mask4, causal, dropout_p
     """
     H = w.num_heads
     gated = m.is_floating_point()
+    if q_in.shape[0] == 0:  # an empty batch (under torch.compile, a layer every sample skips runs on 0 rows)
+        return forward_shared(w, q_in, k_in, v_in, None, m if gated else None, mask4, causal, dropout_p, backend)
     if torch.compiler.is_compiling():
         return _forward_traced(w, q_in, k_in, v_in, m, on, mask4, causal, dropout_p, backend)
     if m.dim() == 1 or bool((on == on[:1]).all()):
