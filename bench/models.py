@@ -25,6 +25,8 @@ import sys
 import torch
 
 import sparse_ops
+from sparse_ops.gates import SampleRouter
+from sparse_ops.patching.state import token_mask
 
 B, T = 32, 128
 
@@ -404,8 +406,6 @@ def _gate_hooks(model, gates):
     FFN, layer; a SampleRouter from the layer's input over its real tokens), and multiply the
     heads' outputs before attention.output.dense and the FFN hidden units before output.dense.
     (The layer gates are drawn to keep the random stream in step; they are open here.)"""
-    from sparse_ops.gates import SampleRouter
-    from sparse_ops.patching.state import token_mask
     H = model.config.num_attention_heads
     hs = []
     for layer, lg in zip(model.encoder.layer, gates):

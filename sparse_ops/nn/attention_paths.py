@@ -138,7 +138,7 @@ def forward_sparse(w: Weights, q_in, k_in, v_in, m, on, mask4, causal, dropout_p
     if torch.compiler.is_compiling():
         return _forward_traced(w, q_in, k_in, v_in, m, on, mask4, causal, dropout_p, backend)
     if m.dim() == 1 or bool((on == on[:1]).all()):
-        row = on.reshape(-1, H)[0].tolist() if on.numel() else [False] * H  # (an empty batch runs nothing)
+        row = on.reshape(-1, H)[0].tolist()  # (an empty batch returned above)
         heads = [h for h, o in enumerate(row) if o]
         gate = m[..., heads] if gated else None  # [K] or [B, K]
         return forward_shared(w, q_in, k_in, v_in, heads, gate, mask4, causal, dropout_p, backend)

@@ -155,8 +155,7 @@ def _pooled(st: LayerState, x, mask):
         raise RuntimeError(f"sparse_ops: layer {st.index} has an input-dependent gate but its forward gave "
                            f"begin_layer no input")
     learn = torch.is_grad_enabled() and any(p.requires_grad for r in routers for p in r.parameters())
-    B, T = x.shape[0], (x.shape[1] if x.dim() == 3 else 1)
-    return routers[0].pool(x, token_mask(mask, B, T) if x.dim() == 3 else None), learn
+    return routers[0].pool(x, token_mask(mask, x.shape[0], x.shape[1]) if x.dim() == 3 else None), learn
 
 
 def _gated(mask, gate, n, pooled=None):
