@@ -10,8 +10,9 @@ L0 gates (CoFi's), one sample per batch in training, so the closed heads and col
 computed in forward or backward. The loss is 1 - cos(student, teacher) of mean-pooled sentence
 embeddings plus sparse_ops.gates.budget_loss towards the targets (warmed up linearly over half
 the steps; the gates by Adam, the layer gates 10x slower, the multipliers by SGD). Measured here:
-the quick run does not land on the budget (100 steps: heads 0.21, FFN 0.49 against 0.50; the
-Lagrangian overshoots before it settles), so read the keep fractions it prints; --gate topk
+the quick run does not land on the budget (100 steps, budget 0.60 / 0.40: heads 0.24, FFN 0.32;
+the gates lag the warming-up target, the multipliers wind up, then the gates overshoot it; --trace
+writes that path), so read the keep fractions it prints; --gate topk
 learns top-k gates instead, exactly the budget in every layer (no layer gates); --gate router
 learns per-sample head routers (sparse_ops.gates.SampleRouter: each sample its own half of the
 heads, picked from the layer's input) beside top-k FFN gates. Text:
@@ -178,6 +179,8 @@ def main():
     ap.add_argument("--gate-lr", type=float, default=0.1, help="Adam lr of the gates")
     ap.add_argument("--lambda-lr", type=float, default=0.3, help="SGD lr of the budget's multipliers")
     ap.add_argument("--lr", type=float, default=5e-5, help="AdamW lr of the model's weights")
+    ap.add_argument("--trace", default=None, metavar="CSV",
+                    help="write step, distillation cosine and keep_fractions every 5 steps to this file")
     a = ap.parse_args()
     steps = a.steps or (100 if a.quick else 400)
     B, T = a.batch or (16 if a.quick else 32), a.seq or (48 if a.quick else 128)
@@ -216,6 +219,7 @@ def main():
     warm = max(1, int(steps * 0.5))
     data = batches(train, tok, B, T, rng)
     bar = tqdm(range(steps), desc="gate training", unit="step")
+    trace = []
     for i in bar:
         enc = next(data)
         with torch.no_grad():
@@ -230,9 +234,14 @@ def main():
         if opt_budget is not None:
             opt_budget.step()
             opt_budget.zero_grad(set_to_none=True)
-        if i % 5 == 0:
+        if i % 5 == 0 or i == steps - 1:
             kf = keep_fractions(student)
             bar.set_postfix(cos=f"{1 - distill.item():.3f}", heads=f"{kf['heads']:.2f}", ffn=f"{kf['ffn']:.2f}")
+            trace.append((i, 1 - distill.item(), kf["heads"], kf["ffn"], kf["layers"]))
+    if a.trace:
+        with open(a.trace, "w") as f:
+            f.write("step,cosine,heads,ffn,layers\n")
+            f.writelines(",".join("" if v is None else f"{v:.4g}" for v in row) + "\n" for row in trace)
 
     quality, counted = heldout_quality(student, teacher, tok, held, B, T)
 

@@ -175,7 +175,7 @@ class UnitGate(nn.Module):
         if self.training:
             return hc()
         # CoFi's deterministic eval: keep the round(E) most open units.
-        keep = int(round(float(hc.l0_penalty().detach())))
+        keep = int(torch.round(hc.l0_penalty().detach()))  # the same count expected() reports
         g = hc()
         hard = torch.zeros_like(g)
         if keep > 0:
@@ -183,9 +183,17 @@ class UnitGate(nn.Module):
         return g * hard
 
     def expected(self) -> torch.Tensor:
-        """Expected fraction of the n units on (a 0-dim tensor; differentiable except for topk)."""
+        """Fraction of the n units on (a 0-dim tensor; differentiable except for topk).
+
+        hard_concrete: the value is the fraction eval keeps, round(E) / n with E = l0_penalty()
+        (the expected count of open training samples), and the gradient is that of E / n. So a
+        budget counts what inference will compute: a layer gate (n = 1) with E = 0.94 is open in
+        eval and counts 1, not 0.94, which would let a heads or FFN budget that the layer's keep
+        scales overshoot by 6% at inference.
+        """
         if self.kind == "hard_concrete":
-            return self.hc.l0_penalty() / self.n
+            count = self.hc.l0_penalty()
+            return _straight_through(torch.round(count.detach()) / self.n, count / self.n)
         if self.kind == "threshold":
             soft = torch.sigmoid(self.score).mean()
             return _straight_through((self.score > 0).to(soft.dtype).mean(), soft)
@@ -397,8 +405,10 @@ def _expected_keep(model, who):
 
 
 def keep_fractions(model) -> dict:
-    """{"heads": f, "ffn": f, "layers": f}: the expected fraction of (row, unit) pairs computed
-    under the model's learned gates (floats; None for a kind without gates)."""
+    """{"heads": f, "ffn": f, "layers": f}: the fraction of (row, unit) pairs computed under the
+    model's learned gates (floats; None for a kind without gates). For deterministic gates (L0 in
+    eval, threshold, top-k) it is what sparse_ops.stats counts in eval; routers report their
+    fixed keep (heads) or the last forward's (layers)."""
     e = _expected_keep(model, "keep_fractions")
     return {k: (float(e[k].detach()) if k in e else None) for k in ("heads", "ffn", "layers")}
 

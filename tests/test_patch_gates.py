@@ -233,14 +233,43 @@ def test_layer_gates_scale_keep_fractions_and_skip_the_layer():
     with torch.no_grad():
         model.encoder.layer[1].sparse_gates.layer.hc.log_alpha.fill_(-10.0)  # expected keep ~0
     kf = keep_fractions(model)
-    open_ = model.encoder.layer[0].sparse_gates.layer.expected().item()  # ~0.98 for a gate that starts open
-    assert kf["layers"] == pytest.approx(2 * open_ / 3, abs=1e-4)
+    assert kf["layers"] == pytest.approx(2 / 3)  # what eval keeps: two layers open, one closed
     ids, am = batch()
     with torch.no_grad():
         output("bert", model, ids, am)
     st = sparse_ops.stats(model)
     assert st["layers"] == pytest.approx(2 / 3)
     assert st["heads"] <= 2 / 3 + 1e-6  # the skipped layer's heads count as not computed
+    assert kf["heads"] == pytest.approx(st["heads"]) and kf["ffn"] == pytest.approx(st["ffn"])
+
+
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_hard_concrete_keep_fractions_count_what_eval_computes(family):
+    """keep_fractions of L0 gates is the eval count (stats on a batch), with the expectation's
+    gradient: a layer gate of expected keep 0.6-0.97 is open in eval and scales nothing down."""
+    model = small(family).eval()
+    sparse_ops.patch(model, gate="hard_concrete")
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for lg in (m for m in model.modules() if isinstance(m, LayerGates)):
+            for kind in ("heads", "ffn"):
+                a = lg.get(kind).hc.log_alpha
+                a.copy_(torch.randn(a.shape, generator=gen) * 3)
+            lg.get("layer").hc.log_alpha.fill_(1.0)  # E ~ 0.8: open in eval
+    kf = keep_fractions(model)
+    ids, am = batch()
+    with torch.no_grad():
+        output(family, model, ids, am)
+    st = sparse_ops.stats(model)
+    assert kf["layers"] == 1.0 == st["layers"]
+    assert kf["heads"] == pytest.approx(st["heads"]) and kf["ffn"] == pytest.approx(st["ffn"])
+    assert 0.1 < kf["ffn"] < 0.9  # the random gates closed some columns and kept others
+    lg = next(m for m in model.modules() if isinstance(m, LayerGates))
+    e = lg.get("ffn").expected()
+    e.backward()
+    hc = lg.get("ffn").hc
+    assert torch.allclose(hc.log_alpha.grad, torch.autograd.grad(hc.l0_penalty() / hc.log_alpha.numel(),
+                                                                 hc.log_alpha)[0])
 
 
 @pytest.mark.parametrize("family", ["bert", "llama"])
