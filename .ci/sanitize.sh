@@ -27,11 +27,13 @@ CXX_LIB=$(gcc -print-file-name=libstdc++.so)
 # pytest runs from inside the copy (python puts the working directory first on sys.path, so the
 # instrumented sparse_ops is the one imported, not the repo's), with the repo's config and tests.
 REPO=$PWD
+workers=()  # two pytest workers (pytest-xdist), as ./run test uses, when it is installed
+"$PY" -c 'import xdist' 2>/dev/null && workers=(-n 2)
 t=$SECONDS
 (cd "$OUT/pkg" && env LD_PRELOAD="$ASAN_LIB $CXX_LIB" \
     ASAN_OPTIONS=detect_leaks=0:halt_on_error=1:abort_on_error=1:allocator_may_return_null=1 \
     UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 SPARSE_OPS_EXPECT_SANITIZED=1 \
-    "$PY" -m pytest -q -x -p no:cacheprovider --rootdir "$REPO" -c "$REPO/pyproject.toml" \
+    "$PY" -m pytest -q -x -p no:cacheprovider "${workers[@]}" --rootdir "$REPO" -c "$REPO/pyproject.toml" \
     "$REPO/tests/test_sanitized_build.py" "$REPO/tests/test_ffn_core.py" "$REPO/tests/test_heads.py" \
     "$REPO/tests/test_layers.py" "$REPO/tests/test_wrapper_inputs.py" "$REPO/tests/test_raw_backward.py" \
     "$REPO/tests/test_registry.py" -k "not triton")
