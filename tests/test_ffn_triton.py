@@ -6,7 +6,6 @@ import pytest
 import torch
 
 import sparse_ops
-from sparse_ops import reference as R
 
 triton = pytest.importorskip("triton", reason="triton is not installed")
 if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
