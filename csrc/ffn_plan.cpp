@@ -214,6 +214,30 @@ static Tensor mask_indices(const Tensor& m) {
   return idx;
 }
 
+// The columns of a bool [N, F] mask true in some row. On CPU one pass ORing rows 8 bytes at a
+// time (bools are bytes 0 / 1): at::any(m, 0) took 2.3-3.2 ms at N=4096, F=1536 (2 threads).
+static Tensor any_rows(const Tensor& m) {
+  if (!m.is_cpu()) return m.any(0);
+  const Tensor mc = m.contiguous();
+  const int64_t N = mc.size(0), F = mc.size(1);
+  Tensor out = at::zeros({F}, mc.options());
+  bool* op = out.data_ptr<bool>();
+  const bool* p = mc.data_ptr<bool>();
+  const int64_t W = F / 8;
+  std::vector<uint64_t> acc(size_t(W), 0);
+  for (int64_t n = 0; n < N; ++n) {
+    const bool* row = p + n * F;
+    for (int64_t w = 0; w < W; ++w) {
+      uint64_t v;
+      std::memcpy(&v, row + w * 8, 8);
+      acc[size_t(w)] |= v;
+    }
+    for (int64_t f = W * 8; f < F; ++f) op[f] = op[f] || row[f];
+  }
+  for (int64_t w = 0; w < W; ++w) std::memcpy(op + w * 8, &acc[size_t(w)], 8);
+  return out;
+}
+
 // Whether every entry of a CPU bool tensor is true (one memchr pass; bools are bytes 0 / 1).
 static bool all_true_cpu(const Tensor& m) {
   if (m.numel() == 0) return true;
@@ -382,7 +406,7 @@ Active plan_forward(int64_t N, int64_t F, const OptTensor& active, const OptTens
     a.saved_mask = filled<bool>({1, a.K()}, true, like.dtype(at::kBool));
     a.saved_group = filled<int64_t>({1}, -1, like.dtype(at::kLong));
   } else {
-    a.idx = mask_indices(m.any(0));
+    a.idx = mask_indices(any_rows(m));
     a.groups = find_row_groups(m, a.idx, N, a);
     if (a.groups.empty()) {
       Tensor rm = select_mask_cols(m, a.idx);

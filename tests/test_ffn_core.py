@@ -457,6 +457,34 @@ def test_forward_groups_rows_and_saves_the_groups():
     torch.testing.assert_close(out, R.gated_ffn(x, p["w1"], p["w2"], m, b1=p["b1"], b2=p["b2"]))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, D64])
+@pytest.mark.parametrize("w2t", [False, True])
+@pytest.mark.parametrize("glu", [False, True])
+@pytest.mark.parametrize("bias", [False, True])
+def test_parallel_groups_interleaved_rows_and_an_all_off_sample(dtype, w2t, glu, bias):
+    """The CPU forward runs row groups side by side (csrc/cpu/ffn_cpu.cpp forward_groups): rows
+    laid out token-major (a sample's rows are not contiguous), one sample with every column off
+    (a group with no column), a per-row gate: out equals the reference, and pre / up hold each
+    row's values at its columns of idx and zeros elsewhere, as the union path saves them."""
+    B, T, F, d = 5, 16, 29, 13
+    g = torch.Generator().manual_seed(12)
+    sm = torch.rand(B, F, generator=g) < 0.5
+    sm[2] = False
+    m = sm[None].expand(T, B, F).reshape(T * B, F)  # row t * B + b: token t of sample b
+    gate = (torch.rand(B, F, generator=g, dtype=D64) + 0.5).to(dtype)[None].expand(T, B, F).reshape(T * B, F)
+    x, p = make(T * B, d=d, F=F, w2t=w2t, glu=glu, bias=bias, dtype=dtype)
+    out, idx, pre, up, rm, rg = _op(x, p, m, gate, w2t)
+    assert rg.min() >= 0 and rg.unique().numel() == B  # one group per sample
+    exp = R.gated_ffn(x, p["w1"], p["w2"], m, b1=p["b1"], b2=p["b2"], w3=p["w3"], gate=gate, w2_transposed=w2t)
+    rtol, atol = tol(dtype)
+    torch.testing.assert_close(out, exp, rtol=rtol, atol=atol)
+    assert torch.equal(rm, m[:, idx])
+    pre_full = x @ p["w1"][idx].t() + (p["b1"][idx] if bias else 0)
+    torch.testing.assert_close(pre, torch.where(rm, pre_full, 0), rtol=rtol, atol=atol)
+    if glu:
+        torch.testing.assert_close(up, torch.where(rm, x @ p["w3"][idx].t(), 0), rtol=rtol, atol=atol)
+
+
 def _grads_vs_reference(N, active, gate, w2t, glu, dense_grad=False, seed=0):
     x, p = make(N, F=29, w2t=w2t, glu=glu, grad=True, seed=seed)
     if gate is not None:

@@ -153,7 +153,7 @@ def forward_sparse(w: Weights, q_in, k_in, v_in, m, on, mask4, causal, dropout_p
 
 
 # grouping_pays' break-even: L * (U - K) >= GROUPING_MIN[learn] * K.
-GROUPING_MIN = {False: 200.0, True: 64.0}
+GROUPING_MIN = {False: 64.0, True: 64.0}
 
 
 def grouping_pays(on: torch.Tensor, L: int, learn: bool) -> bool:
@@ -164,13 +164,21 @@ def grouping_pays(on: torch.Tensor, L: int, learn: bool) -> bool:
     heads in the union, K per sample on average) and costs a gather of K heads' weights per
     sample; with gradients (learn) the backward's GEMMs share the gathers, so it pays sooner.
 
-    Measured on all-MiniLM-L6-v2 (E 384, 12 heads, FFN dense), a per-sample head router (random
-    weights: U = 12), B = 16, 2 threads, medians of 8 rounds, speedup over the dense model:
-      inference, K 6:  L 32 grouped 0.72 / union 0.89; 48 0.96 / 1.00; 64 1.03 / 1.08;
-                       96 1.06 / 1.07; 128 1.07 / 1.09; 192 1.14 / 1.17
-      inference, K 3:  L 48 1.04 / 1.06; 128 1.27 / 1.21; 256 1.31 / 1.32
-      training (forward + backward), K 6:  L 48 0.92 / 0.99; 128 1.22 / 1.09
-    so 200 without gradients, 64 with them."""
+    Measured on all-MiniLM-L6-v2 (E 384, 12 heads), a per-sample head mask with U = 12, 2 threads,
+    speedup of the whole model over the dense one (grouped / union):
+      AVX-512 Xeon, FFN dense, B = 16, a head router, medians of 8 rounds:
+        inference, K 6:  L 32 0.72 / 0.89; 48 0.96 / 1.00; 64 1.03 / 1.08; 96 1.06 / 1.07;
+                         128 1.07 / 1.09; 192 1.14 / 1.17
+        inference, K 3:  L 48 1.04 / 1.06; 128 1.27 / 1.21; 256 1.31 / 1.32
+        training (forward + backward), K 6:  L 48 0.92 / 0.99; 128 1.22 / 1.09
+      AMD EPYC (Zen 4), B = 32, random per-sample masks, half of each sample's FFN columns off as
+      well (the FFN's row groups run in parallel, csrc/cpu/ffn_cpu.cpp forward_groups), inference,
+      grouped_head_out_proj gathering rows of Wo's transpose (no copy inside bmm):
+        K 6:  L 48 1.17 / 1.19; 64 1.45 / 1.30; 96 1.38 / 1.22; 128 1.53 / 1.41 (other runs at 128:
+              1.49 / 1.36, 1.32 / 1.34; heads alone: 1.21 / 1.03, 1.13 / 1.07)
+        K 3:  L 32 1.44 / 1.21; 64 1.60 / 1.39; 128 1.92 / 1.46
+    so 64 with and without gradients: grouped from L = 64 at K 6 of 12 (the break-even on the AMD
+    machine lies between 48 and 64; on the Xeon union stays ahead by 1-5% at K 6 up to L 192)."""
     K = float(on.sum()) / max(1, on.shape[0])
     U = float(on.any(0).sum())
     return L * (U - K) >= GROUPING_MIN[learn] * K

@@ -261,11 +261,15 @@ class _GroupedOutProj(torch.autograd.Function):
                 out.zero_()
             else:
                 out.copy_(bo.expand(B, L, E))
+        # Heads' columns of Wo are rows of its transpose: one [H*D, E] copy of Wo (E*E elements)
+        # lets each group gather its heads as contiguous [n, K*D, E] blocks that bmm reads as they
+        # are. Gathering Wo's columns as [E, n*K, D] and handing bmm a permuted view made bmm copy
+        # every group's gathered weight again.
+        WoT = Wo.t().contiguous().view(-1, D * E)  # [H, D*E]
         Wgs = []
         for (S_t, n, K, idx), o in zip(plan, os):
-            Wg = Wo.view(E, -1, D).index_select(1, idx)  # [E, n*K, D]
-            Wt = Wg.view(E, n, K * D).permute(1, 2, 0)  # [n, K*D, E]
-            y = torch.bmm(o, Wt) if bo is None else torch.baddbmm(bo.view(1, 1, E), o, Wt)
+            Wg = WoT.index_select(0, idx).view(n, K * D, E)
+            y = torch.bmm(o, Wg) if bo is None else torch.baddbmm(bo.view(1, 1, E), o, Wg)
             if whole:
                 out = y
             else:
@@ -280,18 +284,19 @@ class _GroupedOutProj(torch.autograd.Function):
         saved = ctx.saved_tensors
         plan = ctx.plan
         Wshape, has_bias, D = ctx.meta
-        E = Wshape[0]
+        E, HD = Wshape
         os, Wgs = saved[:len(plan)], saved[len(plan):]
         need_W, need_b = ctx.needs_input_grad[:2]
         need_o = ctx.needs_input_grad[6:]
-        gW = Wgs[0].new_zeros(Wshape) if need_W else None
+        gWT = Wgs[0].new_zeros(HD // D, D * E) if need_W else None  # the gradient of Wo's transpose
         gos = []
         for (S_t, n, K, idx), o, Wg, no in zip(plan, os, Wgs, need_o):
             gy = gout if S_t is None else gout.index_select(0, S_t)
-            gos.append(torch.bmm(gy, Wg.view(E, n, K * D).permute(1, 0, 2)) if no else None)
+            gos.append(torch.bmm(gy, Wg.transpose(1, 2)) if no else None)
             if need_W:
-                dWg = torch.bmm(gy.transpose(1, 2), o)  # [n, E, K*D]
-                gW.view(E, -1, D).index_add_(1, idx, dWg.permute(1, 0, 2).reshape(E, n * K, D))
+                dWg = torch.bmm(o.transpose(1, 2), gy)  # [n, K*D, E]
+                gWT.index_add_(0, idx, dWg.view(n * K, D * E))
+        gW = gWT.view(HD, E).t().contiguous() if need_W else None
         gb = gout.sum((0, 1)) if (need_b and has_bias) else None
         return (gW, gb, None, None, None, None, *gos)
 
