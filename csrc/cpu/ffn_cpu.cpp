@@ -488,6 +488,97 @@ SPARSE_OPS_INLINE void gather_rows_into(const T* w, int64_t ld, const int64_t* i
   for (int64_t c = 0; c < k; ++c) std::memcpy(dst + c * d, w + idx[cols[c]] * ld, size_t(d) * sizeof(T));
 }
 
+// Whether rows[0..n) are consecutive (a sample's tokens, laid out batch-major).
+inline bool is_run(const int64_t* rows, int64_t n) {
+  for (int64_t r = 1; r < n; ++r)
+    if (rows[r] != rows[0] + r) return false;
+  return true;
+}
+
+// Rows `rows` of a contiguous [N, C] tensor: a view when they are consecutive, else a copy.
+template <typename T>
+Tensor take_rows(const Tensor& t, const int64_t* rows, int64_t n, bool run) {
+  if (run) return t.narrow(0, rows[0], n);
+  const int64_t C = t.size(1);
+  Tensor out = at::empty({n, C}, t.options());
+  const T* src = t.data_ptr<T>();
+  T* dst = out.data_ptr<T>();
+  for (int64_t r = 0; r < n; ++r) std::memcpy(dst + r * C, src + rows[r] * C, size_t(C) * sizeof(T));
+  return out;
+}
+
+// [n, k]: entries (rows[r], cols[c]) of a contiguous [N, K] tensor (a group's block of pre / up).
+template <typename T>
+Tensor take_block(const Tensor& t, const int64_t* rows, int64_t n, const int64_t* cols, int64_t k) {
+  const int64_t K = t.size(1);
+  Tensor out = at::empty({n, k}, t.options());
+  const T* src = t.data_ptr<T>();
+  T* dst = out.data_ptr<T>();
+  for (int64_t r = 0; r < n; ++r) {
+    const T* row = src + rows[r] * K;
+    for (int64_t c = 0; c < k; ++c) dst[r * k + c] = row[cols[c]];
+  }
+  return out;
+}
+
+// The down-projection weights of the columns idx[cols] as [k, d]: rows of a transposed w2 [F, d],
+// or (w2 [d, F]) a [d, k] gather, each row of w2 read once and its k entries written side by
+// side, returned as its transposed view.
+template <typename T>
+Tensor take_w2(const T* w2p, bool w2_transposed, const int64_t* ip, const int64_t* cols, int64_t k, int64_t d,
+               int64_t F, const at::TensorOptions& opt) {
+  if (w2_transposed) {
+    Tensor W2g = at::empty({k, d}, opt);
+    gather_rows_into(w2p, d, ip, cols, k, d, W2g.data_ptr<T>());
+    return W2g;
+  }
+  std::vector<int64_t> cj(static_cast<size_t>(k));
+  for (int64_t c = 0; c < k; ++c) cj[size_t(c)] = ip[cols[c]];
+  Tensor W2gT = at::empty({d, k}, opt);
+  T* dst = W2gT.data_ptr<T>();
+  for (int64_t i = 0; i < d; ++i) {
+    const T* wrow = w2p + i * F;
+    T* drow = dst + i * k;
+    for (int64_t c = 0; c < k; ++c) drow[c] = wrow[cj[size_t(c)]];
+  }
+  return W2gT.t();
+}
+
+// A group's gate [k] (shared) or [n, k] (per row), from the gate gathered at idx (gate_a).
+template <typename T>
+Tensor take_gate(const Tensor& gate_a, const int64_t* rows, int64_t n, const int64_t* cols, int64_t k) {
+  if (gate_a.dim() == 2) return take_block<T>(gate_a, rows, n, cols, k);
+  Tensor out = at::empty({k}, gate_a.options());
+  const T* src = gate_a.data_ptr<T>();
+  T* dst = out.data_ptr<T>();
+  for (int64_t c = 0; c < k; ++c) dst[c] = src[cols[c]];
+  return out;
+}
+
+// Adds block [k, C] into rows cols of acc [K, C] (acc_t: false) or block [C, k] into columns cols
+// of acc [C, K] (true).
+template <typename T>
+void add_at(Tensor& acc, const Tensor& block_in, const int64_t* cols, int64_t k, bool columns) {
+  const Tensor block = block_in.contiguous();
+  const T* b = block.data_ptr<T>();
+  T* a = acc.data_ptr<T>();
+  if (!columns) {
+    const int64_t C = acc.size(1);
+    for (int64_t c = 0; c < k; ++c) {
+      T* arow = a + cols[c] * C;
+      const T* brow = b + c * C;
+      for (int64_t j = 0; j < C; ++j) arow[j] += brow[j];
+    }
+  } else {
+    const int64_t C = acc.size(0), K = acc.size(1);
+    for (int64_t i = 0; i < C; ++i) {
+      T* arow = a + i * K;
+      const T* brow = b + i * k;
+      for (int64_t c = 0; c < k; ++c) arow[cols[c]] += brow[c];
+    }
+  }
+}
+
 template <typename T>
 std::tuple<Tensor, Tensor, Tensor> forward_groups(const Tensor& x, const Tensor& w1, const Tensor& w2,
                                                   const OptTensor& b1, const OptTensor& b2, const OptTensor& w3,
@@ -529,8 +620,7 @@ std::tuple<Tensor, Tensor, Tensor> forward_groups(const Tensor& x, const Tensor&
       const int64_t* rows = rows_t.data_ptr<int64_t>();
       const int64_t* cols = cols_t.data_ptr<int64_t>();
       if (n == 0) continue;
-      bool contiguous_rows = true;
-      for (int64_t r = 1; r < n && contiguous_rows; ++r) contiguous_rows = rows[r] == rows[0] + r;
+      const bool contiguous_rows = is_run(rows, n);
       if (k == 0) {  // no column runs for these rows: out = b2, pre = up = 0
         for (int64_t r = 0; r < n; ++r) {
           T* o = outp + rows[r] * d;
@@ -541,14 +631,7 @@ std::tuple<Tensor, Tensor, Tensor> forward_groups(const Tensor& x, const Tensor&
         }
         continue;
       }
-      Tensor Xg;
-      if (contiguous_rows) {
-        Xg = xc.narrow(0, rows[0], n);
-      } else {
-        Xg = at::empty({n, d}, x.options());
-        T* dst = Xg.data_ptr<T>();
-        for (int64_t r = 0; r < n; ++r) std::memcpy(dst + r * d, xp + rows[r] * d, size_t(d) * sizeof(T));
-      }
+      const Tensor Xg = take_rows<T>(xc, rows, n, contiguous_rows);
       Tensor W1g = at::empty({k, d}, x.options());
       gather_rows_into(w1p, d, ip, cols, k, d, W1g.data_ptr<T>());
       Tensor Pg;
@@ -589,22 +672,7 @@ std::tuple<Tensor, Tensor, Tensor> forward_groups(const Tensor& x, const Tensor&
       }
       // Down-projection weights of the group's columns: [k, d] rows of a transposed w2, or
       // [d, k] (w2 [d, F]: each row of w2 read once, its k entries written side by side).
-      Tensor W2g;
-      if (w2_transposed) {
-        W2g = at::empty({k, d}, x.options());
-        gather_rows_into(w2p, d, ip, cols, k, d, W2g.data_ptr<T>());
-      } else {
-        std::vector<int64_t> cj(static_cast<size_t>(k));
-        for (int64_t c = 0; c < k; ++c) cj[size_t(c)] = ip[cols[c]];
-        Tensor W2gT = at::empty({d, k}, x.options());
-        T* dst = W2gT.data_ptr<T>();
-        for (int64_t i = 0; i < d; ++i) {
-          const T* wrow = w2p + i * F;
-          T* drow = dst + i * k;
-          for (int64_t c = 0; c < k; ++c) drow[c] = wrow[cj[size_t(c)]];
-        }
-        W2g = W2gT.t();
-      }
+      const Tensor W2g = take_w2<T>(w2p, w2_transposed, ip, cols, k, d, F, x.options());  // [k, d]
       if (contiguous_rows) {
         Tensor og = out.narrow(0, rows[0], n);
         if (b2) at::addmm_out(og, b2c, Hg, W2g);
@@ -617,6 +685,130 @@ std::tuple<Tensor, Tensor, Tensor> forward_groups(const Tensor& x, const Tensor&
     }
   });
   return {out, pre, up};
+}
+
+// The backward of forward_groups: each group's gradients from its own gathered weights and its
+// block of pre / up, groups side by side with single-threaded GEMMs. Rows' gradients (dx, a
+// per-row gate's) are written in place (groups own disjoint rows); the weights' compact
+// gradients are summed per thread, then over the threads. Returns what backward_compact returns
+// (compact gradients at the positions of idx). Without dense_grad only (that computes every
+// unit the mask allows, a dense pass: backward_compact).
+// MiniLM's FFN (32 samples x 128 tokens, d 384, F 1536, each sample's own half of the columns,
+// forward + backward): the sequential groups of backward_compact spent as long in index_select
+// gathers, zero fills and index_put_ / index_add_ as in their GEMMs.
+template <typename T>
+Grads backward_groups(const Tensor& grad_out_in, const Tensor& x, const Tensor& w1, const Tensor& w2,
+                      const OptTensor& b1, const OptTensor& w3, const Active& a, const Tensor& pre_in,
+                      const Tensor& up_in, Act act, bool w2_transposed, const std::array<bool, 3>& need,
+                      bool has_gate) {
+  const int64_t N = x.size(0), d = x.size(1), F = w1.size(0), K = a.K();
+  const bool need_x = need[0], need_w = need[1], need_g = need[2] && has_gate;
+  const auto opt = x.options();
+  const Tensor go = grad_out_in.contiguous(), xc = x.contiguous(), w1c = w1.contiguous(), w2c = w2.contiguous();
+  const Tensor w3c = w3 ? w3->contiguous() : Tensor();
+  const Tensor pre = pre_in.contiguous(), up = w3 ? up_in.contiguous() : Tensor();
+  const Tensor ic = a.idx.contiguous();
+  const Tensor gate_a = a.gate_a.defined() ? a.gate_a.contiguous() : Tensor();
+  const bool gate_rows = gate_a.defined() && gate_a.dim() == 2;
+  const T* w1p = w1c.data_ptr<T>();
+  const T* w2p = w2c.data_ptr<T>();
+  const T* w3p = w3 ? w3c.data_ptr<T>() : nullptr;
+  const int64_t* ip = ic.data_ptr<int64_t>();
+
+  Grads r;
+  if (need_w) r.db2 = go.sum(0);
+  if (need_x) r.dx = at::zeros({N, d}, opt);  // rows of a group with no column stay 0
+  if (need_g && gate_rows) r.dgate = at::zeros({N, K}, opt);
+  const std::vector<int64_t> w2_shape = w2_transposed ? std::vector<int64_t>{K, d} : std::vector<int64_t>{d, K};
+  struct Acc { Tensor dW1a, dW2a, dW3a, db1a, dgate; };
+  const int nt = at::get_num_threads();
+  std::vector<Acc> acc(static_cast<size_t>(nt));
+  const auto& groups = a.groups;
+  at::parallel_for(0, int64_t(groups.size()), 1, [&](int64_t g0, int64_t g1) {
+    // The pool's threads do not inherit the caller's dispatch state: below autograd here too.
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    Acc& t = acc[static_cast<size_t>(at::get_thread_num())];
+    auto acc_of = [&](Tensor& into, at::IntArrayRef sizes) -> Tensor& {
+      if (!into.defined()) into = at::zeros(sizes, opt);
+      return into;
+    };
+    for (int64_t gi = g0; gi < g1; ++gi) {
+      const RowGroup& grp = groups[size_t(gi)];
+      const Tensor rows_t = grp.rows.contiguous(), cols_t = grp.cols.contiguous();
+      const int64_t n = rows_t.size(0), k = cols_t.size(0);
+      if (n == 0 || k == 0) continue;
+      const int64_t* rows = rows_t.data_ptr<int64_t>();
+      const int64_t* cols = cols_t.data_ptr<int64_t>();
+      const bool run = is_run(rows, n);
+      const Tensor Gg = take_rows<T>(go, rows, n, run);
+      const Tensor Pg = take_block<T>(pre, rows, n, cols, k);
+      const Tensor Ug = w3 ? take_block<T>(up, rows, n, cols, k) : Tensor();
+      const Tensor gg = gate_a.defined() ? take_gate<T>(gate_a, rows, n, cols, k) : Tensor();
+      const Tensor W2g = take_w2<T>(w2p, w2_transposed, ip, cols, k, d, F, opt);  // [k, d]
+      Tensor dhg = at::mm(Gg, W2g.t());                                             // [n, k]
+      const Tensor act_v = apply_act(Pg, act);
+      const Tensor h = w3 ? act_v * Ug : act_v;
+      if (need_g) {
+        const Tensor dgb = dhg * h;
+        if (gate_rows) {
+          const T* src = dgb.data_ptr<T>();
+          T* dst = r.dgate.data_ptr<T>();
+          for (int64_t i = 0; i < n; ++i)
+            for (int64_t c = 0; c < k; ++c) dst[rows[i] * K + cols[c]] = src[i * k + c];
+        } else {
+          add_at<T>(acc_of(t.dgate, {K, 1}), dgb.sum(0).view({k, 1}), cols, k, false);
+        }
+      }
+      if (!need_x && !need_w) continue;
+      const Tensor Xg = need_w ? take_rows<T>(xc, rows, n, run) : Tensor();
+      if (need_w) {
+        const Tensor hg = gg.defined() ? h * gg : h;
+        if (w2_transposed) add_at<T>(acc_of(t.dW2a, w2_shape), at::mm(hg.t(), Gg), cols, k, false);
+        else add_at<T>(acc_of(t.dW2a, w2_shape), at::mm(Gg.t(), hg), cols, k, true);
+      }
+      const Tensor dh = gg.defined() ? dhg.mul_(gg) : dhg;
+      Tensor dup, dact = dh;
+      if (w3) {
+        dup = dh * act_v;
+        dact = dh * Ug;
+      }
+      const Tensor dpre = act_backward(dact, Pg, act);
+      if (need_x) {
+        Tensor W1g = at::empty({k, d}, opt);
+        gather_rows_into(w1p, d, ip, cols, k, d, W1g.data_ptr<T>());
+        Tensor dxg = at::mm(dpre, W1g);
+        if (w3) {
+          gather_rows_into(w3p, d, ip, cols, k, d, W1g.data_ptr<T>());
+          dxg.addmm_(dup, W1g);
+        }
+        const T* src = dxg.data_ptr<T>();
+        T* dst = r.dx.data_ptr<T>();
+        for (int64_t i = 0; i < n; ++i) std::memcpy(dst + rows[i] * d, src + i * d, size_t(d) * sizeof(T));
+      }
+      if (need_w) {
+        add_at<T>(acc_of(t.dW1a, {K, d}), at::mm(dpre.t(), Xg), cols, k, false);
+        if (w3) add_at<T>(acc_of(t.dW3a, {K, d}), at::mm(dup.t(), Xg), cols, k, false);
+        if (b1) add_at<T>(acc_of(t.db1a, {K, 1}), dpre.sum(0).view({k, 1}), cols, k, false);
+      }
+    }
+  });
+  auto total = [&](Tensor Acc::*field, bool needed, at::IntArrayRef sizes) {
+    if (!needed) return Tensor();
+    Tensor out;
+    for (auto& t : acc) {
+      const Tensor& v = t.*field;
+      if (!v.defined()) continue;
+      if (out.defined()) out.add_(v);
+      else out = v;
+    }
+    return out.defined() ? out.view(sizes) : at::zeros(sizes, opt);
+  };
+  r.dW1a = total(&Acc::dW1a, need_w, {K, d});
+  r.dW2a = total(&Acc::dW2a, need_w, w2_shape);
+  r.dW3a = total(&Acc::dW3a, need_w && w3.has_value(), {K, d});
+  r.db1a = total(&Acc::db1a, need_w && b1.has_value(), {K});
+  if (need_g && !gate_rows) r.dgate = total(&Acc::dgate, true, {K});
+  return r;
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gated_ffn_cpu(
@@ -707,8 +899,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gated_ffn_bac
   const Tensor ic = idx.contiguous();
   const int64_t N = x.size(0), d = x.size(1), F = w1.size(0);
   const Active a = plan_backward(F, active, gate, ic, row_mask, row_group);
-  Grads g = backward_compact(grad_out, x, w1, w2, b1, w3, active, gate, a, pre, up, act, w2_transposed,
-                             dense_grad, need);
+  const auto st = x.scalar_type();
+  const bool groups = a.groups.size() > 1 && !(need[2] && gate && dense_grad) &&
+                      (st == at::kFloat || st == at::kDouble);
+  Grads g = !groups ? backward_compact(grad_out, x, w1, w2, b1, w3, active, gate, a, pre, up, act, w2_transposed,
+                                       dense_grad, need)
+            : st == at::kFloat
+                ? backward_groups<float>(grad_out, x, w1, w2, b1, w3, a, pre, up, act, w2_transposed, need, gate.has_value())
+                : backward_groups<double>(grad_out, x, w1, w2, b1, w3, a, pre, up, act, w2_transposed, need,
+                                          gate.has_value());
   // Full-size gradients: with every column active the compact ones are the full ones, returned
   // as they are (zero-fill + copy of w1/w2-sized tensors cost ~9% of a dense fwd+bwd step at
   // N=1024, d=768, F=3072); else written into zeros in one pass.
