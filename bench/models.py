@@ -387,17 +387,16 @@ def _l0_init(gated, g):
 
 
 def _router_init(gated, g):
-    """Per-sample head routers with weights of unit scale (each sample picks its own half of the
-    heads: the batch's union is every head) and top-k FFN scores drawn at random."""
+    """Per-sample head and FFN routers with weights of unit scale: each sample picks its own half
+    of the heads and of the FFN columns (the batch's union is every head and every column)."""
     for layer in gated.encoder.layer:
-        r = layer.sparse_gates.heads.score
-        r.weight.copy_(torch.randn(r.weight.shape, generator=g))
-        layer.sparse_gates.ffn.score.copy_(torch.randn(layer.sparse_gates.ffn.score.shape, generator=g))
+        for r in (layer.sparse_gates.heads.score, layer.sparse_gates.ffn.score):
+            r.weight.copy_(torch.randn(r.weight.shape, generator=g))
 
 
 GATE_ROWS = (("L0 50% heads+ffn", "trained L0 gates 50%", "hard_concrete", _l0_init),
-             ("head router 50% + topk ffn 50%", "head router 50% + topk ffn 50%",
-              {"heads": ("router", 0.5), "ffn": ("topk", 0.5)}, _router_init))
+             ("head + ffn routers 50% per sample", "head + ffn routers 50% per sample",
+              {"heads": ("router", 0.5), "ffn": ("router", 0.5)}, _router_init))
 
 
 def _gate_hooks(model, gates):
@@ -429,7 +428,8 @@ def _gate_hooks(model, gates):
             return ((h.view(b, t, H, e // H) * v).view(b, t, e),)
 
         def pre_d(mod, args, vals=vals):
-            return (args[0] * vals["ffn"],)
+            v = vals["ffn"]  # [F] shared, or [B, F] per sample
+            return (args[0] * (v[:, None, :] if v.dim() == 2 else v),)
         hs += [layer.register_forward_pre_hook(pre_layer, with_kwargs=True),
                layer.attention.output.dense.register_forward_pre_hook(pre_o),
                layer.output.dense.register_forward_pre_hook(pre_d)]

@@ -14,8 +14,8 @@ the quick run does not land on the budget (100 steps, budget 0.60 / 0.40: heads 
 the gates lag the warming-up target, the multipliers wind up, then the gates overshoot it; --trace
 writes that path), so read the keep fractions it prints; --gate topk
 learns top-k gates instead, exactly the budget in every layer (no layer gates); --gate router
-learns per-sample head routers (sparse_ops.gates.SampleRouter: each sample its own half of the
-heads, picked from the layer's input) beside top-k FFN gates. Text:
+learns per-sample routers for heads and FFN columns (sparse_ops.gates.SampleRouter: each sample
+its own share of the heads and of the columns, picked from the layer's input). Text:
 gensim's lee_background.cor (news, ~60k words), split into sentences; the last 15% of the
 documents are held out and only used for the quality numbers.
 
@@ -114,7 +114,8 @@ def mask_multiply(model, gates):
             return ((h.view(b, t, H, e // H) * v).view(b, t, e),)
 
         def pre_d(mod, args, vals=vals):
-            return (args[0] * vals["ffn"],)
+            v = vals["ffn"]  # [F] shared, or [B, F] per sample
+            return (args[0] * (v[:, None, :] if v.dim() == 2 else v),)
 
         def post(mod, args, kwargs, out, vals=vals):
             if "layer" not in vals:
@@ -169,7 +170,7 @@ def main():
     ap.add_argument("--seq", type=int, default=None)
     ap.add_argument("--gate", choices=("hard_concrete", "topk", "router"), default="hard_concrete",
                     help="L0 gates with the budget's Lagrangian, top-k gates (exactly the budget per layer), or "
-                         "per-sample head routers (each sample's own heads) with top-k FFN gates")
+                         "per-sample head and FFN routers (each sample's own heads and columns)")
     ap.add_argument("--heads", type=float, default=0.5, help="target keep fraction of attention heads")
     ap.add_argument("--ffn", type=float, default=0.5, help="target keep fraction of FFN columns")
     ap.add_argument("--rounds", type=int, default=None, help="timing rounds per variant")
@@ -197,8 +198,8 @@ def main():
     held = held[:a.heldout] if a.heldout else held
     if a.gate == "topk":  # exactly the budget in every layer: nothing for a Lagrangian to do
         gate = {"heads": ("topk", a.heads), "ffn": ("topk", a.ffn)}
-    elif a.gate == "router":  # the heads picked per sample from the layer's input, exactly the budget
-        gate = {"heads": ("router", a.heads), "ffn": ("topk", a.ffn)}
+    elif a.gate == "router":  # heads and FFN columns picked per sample from the layer's input, exactly the budget
+        gate = {"heads": ("router", a.heads), "ffn": ("router", a.ffn)}
     else:
         gate = "hard_concrete"
     student = sparse_ops.patch(copy.deepcopy(teacher).requires_grad_(True).train(), gate=gate)

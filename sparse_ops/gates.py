@@ -20,8 +20,8 @@ Model-level gates (what `sparse_ops.patch(model, gate=...)` attaches to each lay
   predictor on the FFN's input): per row (token), the round(keep * F) columns with the largest
   predicted scores run. Fitted to the dense model's own activations (sparse_ops.fit_routers).
 - SampleRouter(d, n, keep): an input-dependent gate per sample, from the mean over tokens of a
-  layer's input: the round(keep * n) heads with the highest scores (n = H), or, n = 1, whether the
-  layer runs (score > 0; its keep fraction is learned, as a threshold gate's).
+  layer's input: the round(keep * n) heads (n = H) or FFN columns (n = F) with the highest scores,
+  or, n = 1, whether the layer runs (score > 0; its keep fraction is learned, as a threshold gate's).
 - LayerGates: a layer's gates by kind ("heads", "ffn", "layer"); a child module of the layer,
   so its parameters are in model.parameters() and state_dict (keys `...sparse_gates.<kind>.*`).
 - keep_fractions(model): expected fraction of (row, unit) pairs computed per kind, as
@@ -264,7 +264,7 @@ class SampleRouter(nn.Module):
     against the layer's B * T * 12 * d**2 or so). The layer norm (no parameters) makes the scores
     independent of the residual stream's scale, which grows with depth in pre-norm decoders.
 
-    n > 1 (heads): exactly k = round(keep * n) units on per sample, the k highest scores; `gate`
+    n > 1 (heads, FFN columns): exactly k = round(keep * n) units on per sample, the k highest scores; `gate`
       is ste_topk (0/1 forward, softmax-surrogate gradient); `expected()` is k / n, fixed.
     n == 1 (the layer): the layer runs for a sample where its score > 0; `gate` is ste_threshold
       (sigmoid gradient); keep must be None: the fraction is learned (budget_loss(layers=...)),
@@ -359,16 +359,16 @@ class SampleRouter(nn.Module):
 
 class LayerGates(nn.Module):
     """A layer's gates by kind (children `heads`, `ffn`, `layer`: a UnitGate, an FFNRouter for
-    "ffn", a SampleRouter for "heads" or "layer", or absent)."""
+    "ffn" (per token), a SampleRouter (per sample) for any kind, or absent)."""
 
     def __init__(self, gates: dict):
         super().__init__()
         for kind, g in gates.items():
             ok = (isinstance(g, UnitGate) or (kind == "ffn" and isinstance(g, FFNRouter))
-                  or (kind != "ffn" and isinstance(g, SampleRouter) and (g.n == 1) == (kind == "layer")))
+                  or (isinstance(g, SampleRouter) and (g.n == 1) == (kind == "layer")))
             if kind not in UNIT_KINDS or not ok:
                 raise ValueError(f"LayerGates: expected UnitGates keyed by {UNIT_KINDS} (or an FFNRouter for 'ffn', "
-                                 f"a SampleRouter for 'heads' / 'layer'); "
+                                 f"a SampleRouter for 'heads' / 'ffn' / 'layer'); "
                                  f"got {kind!r}: {g!r}")
             self.add_module(kind, g)
 

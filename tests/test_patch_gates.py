@@ -342,8 +342,8 @@ def test_gate_errors_name_the_problem():
         sparse_ops.patch(m, heads=False, gate="threshold")
     with pytest.raises(ValueError, match="keys among"):
         sparse_ops.patch(m, gate={"head": "topk"})
-    with pytest.raises(TypeError, match="router gate for FFN columns needs a gated"):  # BERT: no gated MLP
-        sparse_ops.patch(m, gate="router")
+    with pytest.raises(TypeError, match="a rank is for the per-token FFN router"):  # BERT: no gated MLP
+        sparse_ops.patch(m, gate={"ffn": ("router", 0.5, 32)})
     assert getattr(m, "_sparse_patch", None) is None  # nothing converted by a failed call
     sparse_ops.patch(m)
     with pytest.raises(ValueError, match="already patched"):

@@ -156,9 +156,12 @@ def test_clear_errors():
     assert (r.rank, r.k, r.down.weight.shape) == (8, 16, (8, 48))
     bert = transformers.BertModel(transformers.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                                                           intermediate_size=40, vocab_size=50))
-    with pytest.raises(TypeError, match="needs a gated \\(SwiGLU\\) MLP.*BERT"):
-        sparse_ops.patch(bert, gate="router")
+    with pytest.raises(TypeError, match="a rank is for the per-token FFN router of gated \\(SwiGLU\\) MLPs.*BERT"):
+        sparse_ops.patch(bert, gate={"ffn": ("router", 0.5, 8)})
     assert not hasattr(bert, "_sparse_patch")  # nothing converted
+    # Without a rank, BERT's FFN router is per sample (tests/test_sample_router.py).
+    assert isinstance(sparse_ops.patch(bert, gate="router").encoder.layer[0].sparse_gates.ffn,
+                      sparse_ops.gates.SampleRouter)
     m = routed(fit=False)
     with pytest.raises(ValueError, match="routed"):
         sparse_ops.set_masks(m, ffn=[torch.ones(LF, dtype=torch.bool)] * LL)

@@ -1,5 +1,7 @@
-"""Per-sample routers for heads and layers: patch(model, gate={"heads": ("router", keep),
-"layers": "router"}) (sparse_ops.gates.SampleRouter, read by patching/state.begin_layer).
+"""Per-sample routers for heads, FFN columns and layers: patch(model, gate={"heads": ("router", keep),
+"ffn": ("router", keep), "layers": "router"}) (sparse_ops.gates.SampleRouter, read by
+patching/state.begin_layer; the FFN router is per sample outside the LLaMA family, whose FFN router
+is per token: tests/test_router.py).
 
 References: in training, the unpatched model with the same routers' values applied by mask
 multiplication (heads' outputs before the output projection, x + g * (layer(x) - x) per sample);
@@ -19,6 +21,7 @@ transformers = pytest.importorskip("transformers")
 from test_patch_gates import batch, output, parts, small  # noqa: E402
 
 ROUTED = {"heads": ("router", 0.5), "layers": "router"}
+ROUTED_FFN = {"heads": ("router", 0.5), "ffn": ("router", 0.5), "layers": "router"}
 
 
 def _randomize(model, seed=1):
@@ -26,8 +29,8 @@ def _randomize(model, seed=1):
     some samples only."""
     g = torch.Generator().manual_seed(seed)
     for lg in (m for m in model.modules() if isinstance(m, sparse_ops.gates.LayerGates)):
-        for r in (lg.get("heads"), lg.get("layer")):
-            if r is None:
+        for r in (lg.get("heads"), lg.get("ffn"), lg.get("layer")):
+            if not isinstance(r, SampleRouter):
                 continue
             with torch.no_grad():
                 r.score.weight.copy_(torch.randn(r.score.weight.shape, generator=g) * 0.5)
@@ -49,7 +52,7 @@ def reference_hooks(family, model, gates, H, valid=None):
     """Mask-multiply hooks on the unpatched model with `gates` (copies of the LayerGates); valid: the
     batch's real tokens (bool [B, T]), what the routers average over."""
     hooks = []
-    for (layer, o_in, _), lg in zip(parts(family, model)[0], gates):
+    for (layer, o_in, down), lg in zip(parts(family, model)[0], gates):
         vals = {}
 
         def pre_layer(mod, args, kwargs, lg=lg, vals=vals):
@@ -57,10 +60,9 @@ def reference_hooks(family, model, gates, H, valid=None):
             vals.clear()
             r = lg.get("heads") or lg.get("layer")
             p = r.pool(x, valid)
-            if lg.get("heads") is not None:
-                vals["heads"] = lg.get("heads").gate(p)
-            if lg.get("layer") is not None:
-                vals["layer"] = lg.get("layer").gate(p)
+            for kind in ("heads", "ffn", "layer"):
+                if lg.get(kind) is not None:
+                    vals[kind] = lg.get(kind).gate(p)
             vals["x"] = x
 
         def pre_o(mod, args, vals=vals):
@@ -70,6 +72,11 @@ def reference_hooks(family, model, gates, H, valid=None):
             b, t, e = h.shape
             return ((h.view(b, t, H, e // H) * vals["heads"][:, None, :, None]).view(b, t, e),)
 
+        def pre_down(mod, args, vals=vals):
+            if "ffn" not in vals:
+                return None
+            return (args[0] * vals["ffn"][:, None, :],)
+
         def post(mod, args, kwargs, out, vals=vals):
             if "layer" not in vals:
                 return None
@@ -78,12 +85,12 @@ def reference_hooks(family, model, gates, H, valid=None):
             y = x + vals["layer"][:, None, None] * (y - x)
             return y if torch.is_tensor(out) else (y, *out[1:])
         hooks += [layer.register_forward_pre_hook(pre_layer, with_kwargs=True), o_in.register_forward_pre_hook(pre_o),
-                  layer.register_forward_hook(post, with_kwargs=True)]
+                  down.register_forward_pre_hook(pre_down), layer.register_forward_hook(post, with_kwargs=True)]
     return hooks
 
 
-def _train_run(family, patched):
-    model = routed(family).train()
+def _train_run(family, patched, gate=ROUTED):
+    model = routed(family, gate=gate).train()
     layers = layer_list(family, model)
     gates = [l.sparse_gates for l in layers]
     hooks = []
@@ -284,8 +291,8 @@ def test_router_errors_name_the_problem():
         sparse_ops.patch(m, gate={"heads": ("router", 0.5, 8)})
     with pytest.raises(ValueError, match=r"gate\['heads'\]'s router keep must be in"):
         sparse_ops.patch(m, gate={"heads": ("router", 1.5)})
-    with pytest.raises(TypeError, match="head and layer routers"):
-        sparse_ops.patch(m, gate={"ffn": "router"})
+    with pytest.raises(TypeError, match="per sample.*give \\('router', keep\\)"):
+        sparse_ops.patch(m, gate={"ffn": ("router", 0.5, 16)})
     assert getattr(m, "_sparse_patch", None) is None
     with pytest.raises(ValueError, match="positive int"):
         SampleRouter(0, 4)
@@ -293,3 +300,83 @@ def test_router_errors_name_the_problem():
         SampleRouter(8, 1, keep=0.5)
     with pytest.raises(ValueError, match=r"\[B, T, 8\]"):
         SampleRouter(8, 4).pool(torch.randn(2, 3, 7))
+
+
+# ----------------------------------------------------------------- per-sample FFN routers
+@pytest.mark.parametrize("family", ["bert", "gpt2"])
+def test_ffn_router_training_equals_the_mask_multiply_reference(family):
+    """Heads, FFN columns and layers routed per sample: output and every weight gradient equal the
+    mask-multiply reference (FFN hidden units times the router's [B, F] gate); the FFN routers learn."""
+    out, wg, gg, st = _train_run(family, True, ROUTED_FFN)
+    out_r, wg_r, gg_r, _ = _train_run(family, False, ROUTED_FFN)
+    torch.testing.assert_close(out, out_r, rtol=1e-4, atol=1e-5)
+    scale = max(g.abs().max() for g in wg_r.values() if g is not None)
+    for n, g_ref in wg_r.items():
+        if g_ref is None:
+            assert wg[n] is None or not wg[n].any(), n
+            continue
+        torch.testing.assert_close(wg[n], g_ref, rtol=1e-4, atol=1e-5 * scale, msg=n)
+    # The routers learn (a skipped unit's dL/dgate is 0 by design, where the reference's is not).
+    for lg in gg:
+        for n, g in lg.items():
+            assert g is not None and torch.isfinite(g).all(), n
+    assert any(lg["ffn.score.weight"].any() for lg in gg)
+    assert 0.0 < st["layers"] < 1.0
+    assert st["ffn"] == pytest.approx(0.5 * st["layers"]) and st["heads"] == pytest.approx(0.5 * st["layers"])
+
+
+@pytest.mark.parametrize("family", ["bert", "gpt2"])
+def test_ffn_router_inference_equals_set_masks_with_the_routers_masks(family):
+    model = routed(family, gate=ROUTED_FFN).eval()
+    ids, am = batch(B=5)
+    seen = []
+    hooks = [l.register_forward_pre_hook(
+        lambda mod, args, kwargs: seen.append(args[0] if args else kwargs["hidden_states"]), with_kwargs=True)
+        for l in layer_list(family, model)]
+    with torch.no_grad():
+        out = output(family, model, ids, am)
+    for h in hooks:
+        h.remove()
+    st = sparse_ops.stats(model)
+    heads, ffn, keep = [], [], []
+    for l, x in zip(layer_list(family, model), seen):
+        r = l.sparse_gates
+        p = r.heads.pool(x, am.bool())
+        heads.append(r.heads.mask(p))
+        ffn.append(r.ffn.mask(p))
+        keep.append(r.layer.mask(p))
+    keep = torch.stack(keep, 1)
+    F_ = ffn[0].shape[1]
+    assert all(f.dtype == torch.bool and f.shape == (5, F_) and (f.sum(1) == F_ // 2).all() for f in ffn)
+    assert any(not (f == f[:1]).all() for f in ffn)  # the samples' columns differ
+    ref = small(family).eval()
+    ref.load_state_dict({k: v for k, v in model.state_dict().items() if "sparse_gates" not in k})
+    sparse_ops.patch(ref)
+    sparse_ops.set_masks(ref, heads=heads, ffn=ffn, layers=keep)
+    with torch.no_grad():
+        out_r = output(family, ref, ids, am)
+    torch.testing.assert_close(out, out_r, rtol=1e-5, atol=1e-5)
+    assert st == sparse_ops.stats(ref)
+    assert st["ffn"] == pytest.approx(float(keep.float().mean()) * (F_ // 2) / F_)
+
+
+def test_ffn_router_torch_encoder_and_keep_fractions():
+    torch.manual_seed(0)
+    enc = torch.nn.TransformerEncoder(torch.nn.TransformerEncoderLayer(24, 4, 40, dropout=0.0, batch_first=True), 2,
+                                      enable_nested_tensor=False)
+    sparse_ops.patch(enc, gate={"ffn": ("router", 0.25)})
+    _randomize(enc)
+    assert keep_fractions(enc) == {"heads": None, "ffn": 0.25, "layers": None}
+    x = torch.randn(4, 6, 24, requires_grad=True)
+    enc.train()
+    enc(x).square().sum().backward()
+    assert sparse_ops.stats(enc)["ffn"] == pytest.approx(0.25)
+    assert all(l.sparse_gates.ffn.score.weight.grad.abs().sum() > 0 for l in enc.layers)
+    enc.eval()
+    with torch.no_grad():
+        y = enc(x)
+    r0 = enc.layers[0].sparse_gates.ffn
+    m0 = r0.mask(r0.pool(x))  # layer 0's input is x: each sample's own 10 of the 40 columns
+    assert m0.shape == (4, 40) and (m0.sum(1) == 10).all() and not (m0 == m0[:1]).all()
+    assert sparse_ops.stats(enc)["ffn"] == pytest.approx(0.25)
+    assert torch.isfinite(y).all()

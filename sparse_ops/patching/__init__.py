@@ -65,10 +65,11 @@ def patch(model, *, heads=True, ffn=True, layers=True, gate=None):
         return model
     for family, mod in _FAMILIES:
         found = mod.layers_of(model)
-        if found and gating.has_ffn_router(spec) and mod is not llama:
-            raise TypeError(f"sparse_ops.patch: a router gate for FFN columns needs a gated (SwiGLU) MLP, as in "
-                            f"LLaMA-family decoders; this {type(model).__name__} is a {family} (head and layer routers, per "
-                            f"sample, work in every family: gate={{'heads': ('router', keep), 'layers': 'router'}})")
+        if found and gating.ffn_router_rank(spec) is not None and mod is not llama:
+            raise TypeError(f"sparse_ops.patch: gate['ffn'] = {spec['ffn']!r}: a rank is for the per-token FFN "
+                            f"router of gated (SwiGLU) MLPs, as in LLaMA-family decoders; this "
+                            f"{type(model).__name__} is a {family}, whose FFN router is per sample (one linear "
+                            f"map): give ('router', keep)")
         if found:
             states = mod.convert(model, found, bool(heads), bool(ffn), bool(layers))
             # Counts restart at each forward of the module that runs the layers (the encoder or
@@ -82,7 +83,7 @@ def patch(model, *, heads=True, ffn=True, layers=True, gate=None):
             model._sparse_patch = {"family": family, "module": mod.__name__, "layers": found, "states": states,
                                    "hook": hook, "parts": parts, "owner": owner}
             if spec is not None:
-                gating.attach(found, states, spec)
+                gating.attach(found, states, spec, token_ffn=mod is llama)
             return model
     names = sorted({type(m).__name__ for m in model.modules()})[:12]
     raise TypeError(f"sparse_ops.patch: could not convert {type(model).__name__}: no supported transformer layers "

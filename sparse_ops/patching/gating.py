@@ -6,15 +6,18 @@ gate= forms:
   "hard_concrete" | "threshold"   that kind for heads, FFN columns and the layer itself
   "topk"                          exactly half of the heads and of the FFN columns of each layer
                                   (a layer has one flag, so topk gives it no gate)
-  "router"                        an input-dependent FFNRouter for the FFN columns of each layer
-                                  (LLaMA-family gated MLPs; keep 0.5, rank 64; patching/router.py),
-                                  the same as {"ffn": ("router", 0.5)}; ("router", keep, rank) too
+  "router"                        an input-dependent router for the FFN columns of each layer, the
+                                  same as {"ffn": ("router", 0.5)}: LLaMA-family (gated) MLPs get
+                                  an FFNRouter, per token (keep 0.5, rank 64; ("router", keep, rank)
+                                  too; patching/router.py), every other family a SampleRouter, per
+                                  sample (one linear map, no rank)
   {"heads": g, "ffn": g, "layers": g}   per kind; g a kind, (kind, keep) for topk's or a router's
                                   fraction, or None (no gate for that kind); kinds left out get
                                   none. Routers by kind: "ffn" per token, before the projections
-                                  (FFNRouter, LLaMA family); "heads" per sample, ("router", keep)
-                                  of the heads (SampleRouter, every family); "layers" per sample,
-                                  "router" (a SampleRouter whose keep fraction is learned).
+                                  (FFNRouter, LLaMA family) or per sample (SampleRouter, the other
+                                  families); "heads" per sample, ("router", keep) of the heads
+                                  (SampleRouter, every family); "layers" per sample, "router" (a
+                                  SampleRouter whose keep fraction is learned).
 Only the parts patched (patch's heads= / ffn= / layers=) get gates.
 """
 from __future__ import annotations
@@ -72,8 +75,8 @@ def _router(key, g):
         raise ValueError(f"sparse_ops.patch: gate[{key!r}]'s router keep must be in [0, 1]; got {g[1]!r}")
     if key == "heads":
         return (ROUTER, float(keep), None)
-    rank = g[2] if len(g) == 3 else ROUTER_RANK
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
+    rank = g[2] if len(g) == 3 else None  # None: ROUTER_RANK for a per-token router, none per sample
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0):
         raise ValueError(f"sparse_ops.patch: gate['ffn']'s router rank must be a positive int; got {rank!r}")
     return (ROUTER, float(keep), rank)
 
@@ -106,24 +109,30 @@ def has_ffn_router(spec) -> bool:
     return spec is not None and spec.get("ffn", (None,))[0] == ROUTER
 
 
+def ffn_router_rank(spec):
+    """The rank asked for an FFN router (None: not given, or no FFN router)."""
+    return spec["ffn"][2] if has_ffn_router(spec) else None
+
+
 def router_inputs(layer) -> int:
     """The width of a LLaMA-family layer's MLP input (its gate projection's in_features)."""
     return layer.mlp.gate_proj.in_features
 
 
-def _gate(layer, st, key, g):
+def _gate(layer, st, key, g, token_ffn):
     n = {"heads": st.num_heads, "ffn": st.ffn_size, "layers": 1}[key]
     if g[0] != ROUTER:
         return UnitGate(g[0], n, g[1])
-    if key == "ffn":
-        return FFNRouter(router_inputs(layer), n, g[1], g[2])
+    if key == "ffn" and token_ffn:
+        return FFNRouter(router_inputs(layer), n, g[1], g[2] or ROUTER_RANK)
     return SampleRouter(st.width, n, g[1])
 
 
-def attach(layers, states, spec):
-    """A LayerGates on each layer (on the device and dtype of the layer's parameters)."""
+def attach(layers, states, spec, token_ffn=False):
+    """A LayerGates on each layer (on the device and dtype of the layer's parameters). token_ffn:
+    an FFN router is per token (FFNRouter: LLaMA-family gated MLPs), else per sample."""
     for layer, st in zip(layers, states):
-        gates = LayerGates({_KIND_KEYS[k]: _gate(layer, st, k, g) for k, g in spec.items()})
+        gates = LayerGates({_KIND_KEYS[k]: _gate(layer, st, k, g, token_ffn) for k, g in spec.items()})
         p = next(layer.parameters(), None)
         if p is not None:
             gates.to(device=p.device, dtype=p.dtype if p.is_floating_point() else torch.float32)

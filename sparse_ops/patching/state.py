@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..gates import SampleRouter, UnitGate
+from ..gates import FFNRouter, SampleRouter
 from ..nn.attention_paths import forward_sparse
 
 ATTR = "_sparse_state"
@@ -138,7 +138,7 @@ def begin_layer(st: LayerState, B: int, T: int, training: bool = False, device=N
         pooled = _pooled(st, x, mask)
         st.now = {"heads": _gated(st.heads, st.gates.get("heads"), st.num_heads, pooled),
                   # an FFNRouter needs the MLP's input: the MLP applies it (patching/router.py)
-                  "ffn": st.ffn if not isinstance(fg, UnitGate) else _gated(st.ffn, fg, st.ffn_size),
+                  "ffn": st.ffn if isinstance(fg, FFNRouter) else _gated(st.ffn, fg, st.ffn_size, pooled),
                   "keep": _gated(keep, st.gates.get("layer"), None, pooled)}
     else:
         st.now = {"heads": st.heads, "ffn": st.ffn, "keep": keep} if dropping else None
@@ -148,7 +148,7 @@ def _pooled(st: LayerState, x, mask):
     """(router input [B, d], learn) for the layer's SampleRouters, or None when it has none.
     learn: the routers' straight-through float gates (grad enabled and their parameters learn), else
     their bool masks (inference: nothing multiplies)."""
-    routers = [g for g in (st.gates.get("heads"), st.gates.get("layer")) if isinstance(g, SampleRouter)]
+    routers = [g for g in (st.gates.get(k) for k in ("heads", "ffn", "layer")) if isinstance(g, SampleRouter)]
     if not routers:
         return None
     if x is None:
@@ -174,6 +174,8 @@ def _gated(mask, gate, n, pooled=None):
         return g
     if mask.dtype == torch.int64:
         mask = torch.zeros(n, dtype=torch.bool, device=mask.device).index_fill_(0, mask, True)
+    if mask.dim() == 3 and g.dim() == 2:  # a per-token FFN mask [B, T, F] and a per-sample router's [B, F]
+        g = g[:, None, :]
     if g.dtype == torch.bool:
         return mask & g
     return torch.where(mask, g, g.new_zeros(()))
