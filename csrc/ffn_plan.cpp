@@ -374,7 +374,9 @@ static std::vector<RowGroup> groups_from_plan(const Tensor& row_mask, const Tens
 // ------------------------------------------------------------------ plans
 static void finish(Active& a, int64_t F, const OptTensor& gate) {
   a.all = !a.row_mask.defined() && a.groups.empty() && a.K() == F;
-  if (gate) a.gate_a = a.all ? *gate : gate->index_select(gate->dim() - 1, a.idx);
+  // idx is sorted and distinct: K == F means idx = arange(F), and the gate at idx is the gate (a
+  // per-sample gate's union is usually every column: at N=4096, F=1536 the gather took 4.7 ms).
+  if (gate) a.gate_a = a.K() == F ? *gate : gate->index_select(gate->dim() - 1, a.idx);
 }
 
 Active plan_forward(int64_t N, int64_t F, const OptTensor& active, const OptTensor& gate,
@@ -448,7 +450,7 @@ static void check_saved_idx(int64_t F, const OptTensor& active, const OptTensor&
   }
   Tensor run = active ? active_mask(F, active, idx.options()) : at::ones({F}, idx.options().dtype(at::kBool));
   if (gate) run = at::logical_and(run, gate->ne(0));
-  if (run.dim() == 2) run = run.any(0);
+  if (run.dim() == 2) run = any_rows(run);
   Tensor ok = run.sum().eq(K);
   if (K > 0) ok = ok.logical_and(run.index_select(0, idx.clamp(0, F - 1)).all());
   if (idx.is_cpu()) {

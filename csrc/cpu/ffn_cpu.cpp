@@ -912,9 +912,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gated_ffn_bac
   // as they are (zero-fill + copy of w1/w2-sized tensors cost ~9% of a dense fwd+bwd step at
   // N=1024, d=768, F=3072); else written into zeros in one pass.
   const Tensor empty = x.new_empty({0});
+  // idx is sorted and distinct: with K == F it is arange(F), and the compact gradients are the
+  // full ones already (a per-sample mask's union is usually every column).
+  const bool every_column = ic.size(0) == F;
   auto full = [&](const Tensor& c, bool is_full, int64_t R, int64_t C, int64_t dim) {
     if (!c.defined()) return empty;
-    return is_full ? c : scatter_into_zeros(R, C, dim, ic, c);
+    return is_full || every_column ? c : scatter_into_zeros(R, C, dim, ic, c);
   };
   const bool wf = g.weights_full;
   Tensor dw1 = full(g.dW1a, wf, F, d, 0);
