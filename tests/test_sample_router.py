@@ -109,10 +109,13 @@ def _train_run(family, patched, gate=ROUTED):
     return out, wgrads, ggrads, (sparse_ops.stats(model) if patched else None)
 
 
-@pytest.mark.parametrize("family", ["bert", "llama", "gpt2"])
-def test_routed_training_equals_the_mask_multiply_reference(family):
-    out, wg, gg, st = _train_run(family, True)
-    out_r, wg_r, gg_r, _ = _train_run(family, False)
+@pytest.mark.parametrize("family,gate", [("bert", ROUTED), ("llama", ROUTED), ("gpt2", ROUTED),
+                                         ("bert", ROUTED_FFN), ("gpt2", ROUTED_FFN)])
+def test_routed_training_equals_the_mask_multiply_reference(family, gate):
+    """Output and every weight gradient equal the mask-multiply reference (with ROUTED_FFN the FFN
+    hidden units are multiplied by the router's [B, F] gate too); the routers learn."""
+    out, wg, gg, st = _train_run(family, True, gate)
+    out_r, wg_r, gg_r, _ = _train_run(family, False, gate)
     torch.testing.assert_close(out, out_r, rtol=1e-4, atol=1e-5)
     scale = max(g.abs().max() for g in wg_r.values() if g is not None)
     for n, g_ref in wg_r.items():
@@ -120,12 +123,16 @@ def test_routed_training_equals_the_mask_multiply_reference(family):
             assert wg[n] is None or not wg[n].any(), n
             continue
         torch.testing.assert_close(wg[n], g_ref, rtol=1e-4, atol=1e-5 * scale, msg=n)
-    # The routers learn (a skipped unit's dL/dgate is 0 by design, so only finite and nonzero).
+    # The routers learn (a skipped unit's dL/dgate is 0 by design, where the reference's is not:
+    # only finite and nonzero).
     for lg in gg:
         for n, g in lg.items():
             assert g is not None and torch.isfinite(g).all(), n
     assert any(lg["heads.score.weight"].any() for lg in gg)
     assert any(lg["layer.score.weight"].any() for lg in gg)
+    if "ffn" in gate:
+        assert any(lg["ffn.score.weight"].any() for lg in gg)
+        assert st["ffn"] == pytest.approx(0.5 * st["layers"])
     # Some samples skipped some layers, and half of the heads of each sample that ran.
     assert 0.0 < st["layers"] < 1.0
     assert st["heads"] == pytest.approx(0.5 * st["layers"])
@@ -303,28 +310,6 @@ def test_router_errors_name_the_problem():
 
 
 # ----------------------------------------------------------------- per-sample FFN routers
-@pytest.mark.parametrize("family", ["bert", "gpt2"])
-def test_ffn_router_training_equals_the_mask_multiply_reference(family):
-    """Heads, FFN columns and layers routed per sample: output and every weight gradient equal the
-    mask-multiply reference (FFN hidden units times the router's [B, F] gate); the FFN routers learn."""
-    out, wg, gg, st = _train_run(family, True, ROUTED_FFN)
-    out_r, wg_r, gg_r, _ = _train_run(family, False, ROUTED_FFN)
-    torch.testing.assert_close(out, out_r, rtol=1e-4, atol=1e-5)
-    scale = max(g.abs().max() for g in wg_r.values() if g is not None)
-    for n, g_ref in wg_r.items():
-        if g_ref is None:
-            assert wg[n] is None or not wg[n].any(), n
-            continue
-        torch.testing.assert_close(wg[n], g_ref, rtol=1e-4, atol=1e-5 * scale, msg=n)
-    # The routers learn (a skipped unit's dL/dgate is 0 by design, where the reference's is not).
-    for lg in gg:
-        for n, g in lg.items():
-            assert g is not None and torch.isfinite(g).all(), n
-    assert any(lg["ffn.score.weight"].any() for lg in gg)
-    assert 0.0 < st["layers"] < 1.0
-    assert st["ffn"] == pytest.approx(0.5 * st["layers"]) and st["heads"] == pytest.approx(0.5 * st["layers"])
-
-
 @pytest.mark.parametrize("family", ["bert", "gpt2"])
 def test_ffn_router_inference_equals_set_masks_with_the_routers_masks(family):
     model = routed(family, gate=ROUTED_FFN).eval()
