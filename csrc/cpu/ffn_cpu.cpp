@@ -521,6 +521,25 @@ Tensor take_block(const Tensor& t, const int64_t* rows, int64_t n, const int64_t
   return out;
 }
 
+// The inverses: block [n, C] into rows `rows` of contiguous dst [N, C]; block [n, k] into entries
+// (rows[r], cols[c]) of contiguous dst [N, K], the rest of those rows set to 0 when zero_rest.
+template <typename T>
+void put_rows(T* dst, int64_t C, const int64_t* rows, int64_t n, const Tensor& block) {
+  const T* src = block.data_ptr<T>();
+  for (int64_t r = 0; r < n; ++r) std::memcpy(dst + rows[r] * C, src + r * C, size_t(C) * sizeof(T));
+}
+
+template <typename T>
+void put_block(T* dst, int64_t K, const int64_t* rows, int64_t n, const int64_t* cols, int64_t k,
+               const Tensor& block, bool zero_rest) {
+  const T* src = block.data_ptr<T>();
+  for (int64_t r = 0; r < n; ++r) {
+    T* row = dst + rows[r] * K;
+    if (zero_rest) std::fill(row, row + K, T(0));
+    for (int64_t c = 0; c < k; ++c) row[cols[c]] = src[r * k + c];
+  }
+}
+
 // The down-projection weights of the columns idx[cols] as [k, d]: rows of a transposed w2 [F, d],
 // or (w2 [d, F]) a [d, k] gather, each row of w2 read once and its k entries written side by
 // side, returned as its transposed view.
@@ -555,7 +574,7 @@ Tensor take_gate(const Tensor& gate_a, const int64_t* rows, int64_t n, const int
   return out;
 }
 
-// Adds block [k, C] into rows cols of acc [K, C] (acc_t: false) or block [C, k] into columns cols
+// Adds block [k, C] into rows cols of acc [K, C] (columns: false) or block [C, k] into columns cols
 // of acc [C, K] (true).
 template <typename T>
 void add_at(Tensor& acc, const Tensor& block_in, const int64_t* cols, int64_t k, bool columns) {
@@ -592,15 +611,12 @@ std::tuple<Tensor, Tensor, Tensor> forward_groups(const Tensor& x, const Tensor&
   Tensor out = at::empty({N, d}, x.options());
   Tensor pre = at::empty({N, K}, x.options());
   Tensor up = w3 ? at::empty({N, K}, x.options()) : x.new_empty({0});
-  const T* xp = xc.data_ptr<T>();
   const T* w1p = w1c.data_ptr<T>();
   const T* w2p = w2c.data_ptr<T>();
   const T* w3p = w3 ? w3c.data_ptr<T>() : nullptr;
   const T* b1p = b1 ? b1c.data_ptr<T>() : nullptr;
   const Tensor b2c = b2 ? b2->contiguous() : Tensor();
   const T* b2p = b2 ? b2c.data_ptr<T>() : nullptr;
-  const T* gp = gate_a.defined() ? gate_a.data_ptr<T>() : nullptr;
-  const bool gate_rows = gate_a.defined() && gate_a.dim() == 2;
   const int64_t* ip = ic.data_ptr<int64_t>();
   T* outp = out.data_ptr<T>();
   T* prep = pre.data_ptr<T>();
@@ -649,27 +665,11 @@ std::tuple<Tensor, Tensor, Tensor> forward_groups(const Tensor& x, const Tensor&
         Ug = at::mm(Xg, W1g.t());
       }
       // pre / up rows: zero outside the group's columns, the group's values at them.
-      const T* pg = Pg.data_ptr<T>();
-      const T* ug = w3p ? Ug.data_ptr<T>() : nullptr;
-      for (int64_t r = 0; r < n; ++r) {
-        T* prow = prep + rows[r] * K;
-        std::fill(prow, prow + K, T(0));
-        for (int64_t c = 0; c < k; ++c) prow[cols[c]] = pg[r * k + c];
-        if (ug) {
-          T* urow = upp + rows[r] * K;
-          std::fill(urow, urow + K, T(0));
-          for (int64_t c = 0; c < k; ++c) urow[cols[c]] = ug[r * k + c];
-        }
-      }
+      put_block<T>(prep, K, rows, n, cols, k, Pg, true);
+      if (w3p) put_block<T>(upp, K, rows, n, cols, k, Ug, true);
       Tensor Hg = apply_act(Pg, act);
       if (w3p) Hg.mul_(Ug);
-      if (gp) {
-        T* hp = Hg.data_ptr<T>();
-        for (int64_t r = 0; r < n; ++r) {
-          const T* grow = gate_rows ? gp + rows[r] * K : gp;
-          for (int64_t c = 0; c < k; ++c) hp[r * k + c] *= grow[cols[c]];
-        }
-      }
+      if (gate_a.defined()) Hg.mul_(take_gate<T>(gate_a, rows, n, cols, k));
       // Down-projection weights of the group's columns: [k, d] rows of a transposed w2, or
       // [d, k] (w2 [d, F]: each row of w2 read once, its k entries written side by side).
       const Tensor W2g = take_w2<T>(w2p, w2_transposed, ip, cols, k, d, F, x.options());  // [k, d]
@@ -678,9 +678,7 @@ std::tuple<Tensor, Tensor, Tensor> forward_groups(const Tensor& x, const Tensor&
         if (b2) at::addmm_out(og, b2c, Hg, W2g);
         else at::mm_out(og, Hg, W2g);
       } else {
-        Tensor og = b2 ? at::addmm(b2c, Hg, W2g) : at::mm(Hg, W2g);
-        const T* op = og.data_ptr<T>();
-        for (int64_t r = 0; r < n; ++r) std::memcpy(outp + rows[r] * d, op + r * d, size_t(d) * sizeof(T));
+        put_rows<T>(outp, d, rows, n, b2 ? at::addmm(b2c, Hg, W2g) : at::mm(Hg, W2g));
       }
     }
   });
@@ -751,10 +749,7 @@ Grads backward_groups(const Tensor& grad_out_in, const Tensor& x, const Tensor& 
       if (need_g) {
         const Tensor dgb = dhg * h;
         if (gate_rows) {
-          const T* src = dgb.data_ptr<T>();
-          T* dst = r.dgate.data_ptr<T>();
-          for (int64_t i = 0; i < n; ++i)
-            for (int64_t c = 0; c < k; ++c) dst[rows[i] * K + cols[c]] = src[i * k + c];
+          put_block<T>(r.dgate.data_ptr<T>(), K, rows, n, cols, k, dgb, false);  // zeros elsewhere already
         } else {
           add_at<T>(acc_of(t.dgate, {K, 1}), dgb.sum(0).view({k, 1}), cols, k, false);
         }
@@ -781,9 +776,7 @@ Grads backward_groups(const Tensor& grad_out_in, const Tensor& x, const Tensor& 
           gather_rows_into(w3p, d, ip, cols, k, d, W1g.data_ptr<T>());
           dxg.addmm_(dup, W1g);
         }
-        const T* src = dxg.data_ptr<T>();
-        T* dst = r.dx.data_ptr<T>();
-        for (int64_t i = 0; i < n; ++i) std::memcpy(dst + rows[i] * d, src + i * d, size_t(d) * sizeof(T));
+        put_rows<T>(r.dx.data_ptr<T>(), d, rows, n, dxg);
       }
       if (need_w) {
         add_at<T>(acc_of(t.dW1a, {K, d}), at::mm(dpre.t(), Xg), cols, k, false);
