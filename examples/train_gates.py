@@ -178,7 +178,9 @@ def main():
     ap.add_argument("--heldout", type=int, default=None, help="use only the first N held-out sentences")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--gate-lr", type=float, default=0.1, help="Adam lr of the gates")
-    ap.add_argument("--lambda-lr", type=float, default=0.3, help="SGD lr of the budget's multipliers")
+    ap.add_argument("--lambda-lr", type=float, default=0.05, help="SGD lr of the budget's multipliers")
+    ap.add_argument("--penalty", type=float, default=None,
+                    help="budget_loss's fixed quadratic weight (default: the library's BUDGET_PENALTY)")
     ap.add_argument("--lr", type=float, default=5e-5, help="AdamW lr of the model's weights")
     ap.add_argument("--trace", default=None, metavar="CSV",
                     help="write step, distillation cosine and keep_fractions every 5 steps to this file")
@@ -218,6 +220,7 @@ def main():
     # them by lambda_lr * (E - t), in proportion to the miss; Adam's sign-like steps overshoot.
     opt_budget = torch.optim.SGD(student.sparse_budget.parameters(), lr=a.lambda_lr) if use_budget else None
     warm = max(1, int(steps * 0.5))
+    penalty = {} if a.penalty is None else {"penalty": a.penalty}
     data = batches(train, tok, B, T, rng)
     bar = tqdm(range(steps), desc="gate training", unit="step")
     trace = []
@@ -228,7 +231,7 @@ def main():
         distill = (1 - F.cosine_similarity(embed(student, enc), target)).mean()
         loss = distill
         if use_budget:
-            loss = loss + budget_loss(student, heads=a.heads, ffn=a.ffn, step=i, warmup_steps=warm)
+            loss = loss + budget_loss(student, heads=a.heads, ffn=a.ffn, step=i, warmup_steps=warm, **penalty)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

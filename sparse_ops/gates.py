@@ -413,6 +413,10 @@ def keep_fractions(model) -> dict:
     return {k: (float(e[k].detach()) if k in e else None) for k in ("heads", "ffn", "layers")}
 
 
+# budget_loss's default quadratic weight (see its docstring; README "Learned gates" has the runs).
+BUDGET_PENALTY = 20.0
+
+
 class _ReverseGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x):
@@ -437,16 +441,29 @@ class BudgetMultipliers(nn.Module):
         return _ReverseGrad.apply(getattr(self, f"{kind}_lambda"))
 
 
-def budget_loss(model, *, heads=None, ffn=None, layers=None, step=None, warmup_steps=0) -> torch.Tensor:
+def budget_loss(model, *, heads=None, ffn=None, layers=None, step=None, warmup_steps=0,
+                penalty=BUDGET_PENALTY) -> torch.Tensor:
     """CoFi's Lagrangian towards target keep fractions: sum over the kinds given of
-    lambda1 * (E - t) + lambda2 * (E - t)**2, where E is keep_fractions' expected fraction and
-    t the target. The multipliers (model's `sparse_budget` module, made at the first call, so
-    build the optimizer after it or add them) ascend while the gates descend. warmup_steps > 0:
-    the target moves linearly from 1 (dense) at step 0 to t at step warmup_steps."""
+    lambda1 * (E - t) + (lambda2 + penalty) * (E - t)**2, where E is keep_fractions' expected
+    fraction and t the target. The multipliers (model's `sparse_budget` module, made at the first
+    call, so build the optimizer after it or add them) ascend while the gates descend.
+    warmup_steps > 0: the target moves linearly from 1 (dense) at step 0 to t at step warmup_steps.
+
+    penalty: a fixed weight on the quadratic term (penalty=0 is CoFi's form exactly). Its gradient
+    2 * penalty * (E - t) pulls in proportion to the miss from the first step, where lambda2 starts
+    at 0 and grows only by (E - t)**2 per step: lambda1 alone integrates the miss and, against
+    gates moved by Adam's near-constant steps, overshoots the target and swings around it (measured
+    on MiniLM, README "Learned gates"); the proportional pull damps that swing. Train the
+    multipliers by plain SGD (lr ~0.05, as examples/train_gates.py): each step then moves lambda1 in
+    proportion to the miss, where Adam's normalised steps keep winding it up while a whole-unit
+    count cannot sit exactly on the target, and the count swings past it.
+    """
     targets = {"heads": heads, "ffn": ffn, "layers": layers}
     for k, t in targets.items():
         if t is not None and (isinstance(t, bool) or not isinstance(t, numbers.Real) or not 0.0 <= t <= 1.0):
             raise ValueError(f"sparse_ops.gates.budget_loss: {k} must be a keep fraction in [0, 1] or None; got {t!r}")
+    if isinstance(penalty, bool) or not isinstance(penalty, numbers.Real) or not (math.isfinite(penalty) and penalty >= 0):
+        raise ValueError(f"sparse_ops.gates.budget_loss: penalty must be a finite number >= 0; got {penalty!r}")
     if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
         raise ValueError(f"sparse_ops.gates.budget_loss: warmup_steps must be an int >= 0; got {warmup_steps!r}")
     if warmup_steps > 0 and (isinstance(step, bool) or not isinstance(step, int) or step < 0):
@@ -466,7 +483,7 @@ def budget_loss(model, *, heads=None, ffn=None, layers=None, step=None, warmup_s
         t_now = 1.0 - (1.0 - t) * frac
         lam = mult.pair(k)
         d = e[k] - t_now
-        term = lam[0] * d + lam[1] * d * d
+        term = lam[0] * d + (lam[1] + penalty) * d * d
         loss = term if loss is None else loss + term
     if loss is None:
         raise ValueError("sparse_ops.gates.budget_loss: give at least one target (heads=, ffn= or layers=)")
