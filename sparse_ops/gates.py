@@ -413,7 +413,7 @@ def keep_fractions(model) -> dict:
     return {k: (float(e[k].detach()) if k in e else None) for k in ("heads", "ffn", "layers")}
 
 
-# budget_loss's default quadratic weight (see its docstring; README "Learned gates" has the runs).
+# budget_loss's default quadratic weight (see its docstring; README "Gate training end to end" has the runs).
 BUDGET_PENALTY = 20.0
 
 
@@ -453,7 +453,7 @@ def budget_loss(model, *, heads=None, ffn=None, layers=None, step=None, warmup_s
     2 * penalty * (E - t) pulls in proportion to the miss from the first step, where lambda2 starts
     at 0 and grows only by (E - t)**2 per step: lambda1 alone integrates the miss and, against
     gates moved by Adam's near-constant steps, overshoots the target and swings around it (measured
-    on MiniLM, README "Learned gates"); the proportional pull damps that swing. Train the
+    on MiniLM, README "Gate training end to end"); the proportional pull damps that swing. Train the
     multipliers by plain SGD (lr ~0.05, as examples/train_gates.py): each step then moves lambda1 in
     proportion to the miss, where Adam's normalised steps keep winding it up while a whole-unit
     count cannot sit exactly on the target, and the count swings past it.
