@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 import sparse_ops
-from sparse_ops.gates import SampleRouter, budget_loss, keep_fractions
+from sparse_ops.gates import BUDGET_PENALTY, SampleRouter, budget_loss, keep_fractions
 from sparse_ops.patching.state import token_mask
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -178,8 +178,8 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--gate-lr", type=float, default=0.1, help="Adam lr of the gates")
     ap.add_argument("--lambda-lr", type=float, default=0.05, help="SGD lr of the budget's multipliers")
-    ap.add_argument("--penalty", type=float, default=None,
-                    help="budget_loss's fixed quadratic weight (default: the library's BUDGET_PENALTY)")
+    ap.add_argument("--penalty", type=float, default=BUDGET_PENALTY,
+                    help="budget_loss's fixed quadratic weight (default: sparse_ops.gates.BUDGET_PENALTY)")
     ap.add_argument("--lr", type=float, default=5e-5, help="AdamW lr of the model's weights")
     ap.add_argument("--trace", default=None, metavar="CSV",
                     help="write step, distillation cosine and keep_fractions every 5 steps to this file")
@@ -219,7 +219,6 @@ def main():
     # them by lambda_lr * (E - t), in proportion to the miss; Adam's sign-like steps overshoot.
     opt_budget = torch.optim.SGD(student.sparse_budget.parameters(), lr=a.lambda_lr) if use_budget else None
     warm = max(1, int(steps * 0.5))
-    penalty = {} if a.penalty is None else {"penalty": a.penalty}
     data = batches(train, tok, B, T, rng)
     bar = tqdm(range(steps), desc="gate training", unit="step")
     trace = []
@@ -230,7 +229,8 @@ def main():
         distill = (1 - F.cosine_similarity(embed(student, enc), target)).mean()
         loss = distill
         if use_budget:
-            loss = loss + budget_loss(student, heads=a.heads, ffn=a.ffn, step=i, warmup_steps=warm, **penalty)
+            loss = loss + budget_loss(student, heads=a.heads, ffn=a.ffn, step=i, warmup_steps=warm,
+                                      penalty=a.penalty)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

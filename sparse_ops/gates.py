@@ -494,4 +494,4 @@ def budget_loss(model, *, heads=None, ffn=None, layers=None, step=None, warmup_s
 
 
 __all__ = ["ste_threshold", "ste_topk", "gumbel_gate", "HardConcrete", "UnitGate", "FFNRouter", "SampleRouter", "LayerGates", "keep_fractions",
-           "budget_loss", "BudgetMultipliers", "GATE_KINDS"]
+           "budget_loss", "BudgetMultipliers", "BUDGET_PENALTY", "GATE_KINDS"]
