@@ -503,20 +503,31 @@ def _grads_vs_reference(N, active, gate, w2t, glu, dense_grad=False, seed=0):
 @pytest.mark.parametrize("w2t", [False, True])
 @pytest.mark.parametrize("glu", [False, True])
 @pytest.mark.parametrize("form", ["mask", "gate", "mask_and_gate", "dense_grad"])
-def test_grads_in_the_grouping_regime(w2t, glu, form):
+@pytest.mark.parametrize("union", ["every column", "columns off"])
+def test_grads_in_the_grouping_regime(w2t, glu, form, union):
     # 64 rows, 4 distinct masks (per sample): the CPU forward groups rows (row_group holds the
-    # group ids) and the backward runs on those groups.
+    # group ids) and the backward runs on those groups. The groups' down-projection rows come
+    # from w2 itself (w2t), from w2's transposed copy (the batch's masks cover every column) or
+    # from its copy at idx (columns 3 and 20 run in no sample).
     B, T, F = 4, 16, 29
     N = B * T
-    m = _per_sample(B, T, F, 0.5, seed=9)
     g = torch.Generator().manual_seed(10)
-    sample_gate = (torch.rand(B, 1, F, generator=g, dtype=D64) *
-                   (torch.rand(B, 1, F, generator=g) > 0.4)).expand(B, T, F).reshape(N, F).contiguous()
+    sm = torch.rand(B, 1, F, generator=g) < 0.5
+    sm[0] = True  # sample 0 runs every column
+    sample_gate = torch.rand(B, 1, F, generator=g, dtype=D64) + 0.1
+    if union == "columns off":
+        sm[:, :, [3, 20]] = False
+        sample_gate[:, :, [3, 20]] = 0
+    m = sm.expand(B, T, F).reshape(N, F)
+    gate_on = torch.rand(B, 1, F, generator=g) > 0.4
+    gate_on[0] = True  # sample 0's gate is nonzero wherever its mask runs
+    sample_gate = (sample_gate * gate_on).expand(B, T, F).reshape(N, F).contiguous()
     active, gate = {"mask": (m, None), "gate": (None, sample_gate), "mask_and_gate": (m, sample_gate),
                     "dense_grad": (m, sample_gate)}[form]
     x, p = make(N, F=F, w2t=w2t, glu=glu)
-    rg = _op(x, p, active, gate, w2t)[5]
+    _, idx, _, _, _, rg = _op(x, p, active, gate, w2t)
     assert rg.min() >= 0 and rg.unique().numel() > 1  # the grouping path ran
+    assert idx.numel() == (F if union == "every column" else F - 2)
     _grads_vs_reference(N, active, gate, w2t, glu, dense_grad=form == "dense_grad")
 
 
