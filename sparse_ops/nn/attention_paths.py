@@ -51,22 +51,39 @@ class Weights(NamedTuple):
 
     def in_proj(self, i: int, r: int):
         """(W, b): the rows of projections i..i+r-1 (0 q, 1 k, 2 v) as one weight [r*E, E_in] and its
-        bias [r*E] (or None); views, never copies."""
+        bias [r*E] (or None). Views of a concatenated in_proj_weight; separate q, k, v weights are
+        concatenated (a copy, r = 3 only where proj_groups fuses them)."""
         E = self.out_proj_weight.shape[0]
-        b = None if self.in_proj_bias is None else self.in_proj_bias[i * E:(i + r) * E]
-        if self.qkv_biases is not None and self.in_proj_weight is None:
-            b = self.qkv_biases[i]
         if self.in_proj_weight is not None:
+            b = None if self.in_proj_bias is None else self.in_proj_bias[i * E:(i + r) * E]
             return self.in_proj_weight[i * E:(i + r) * E], b
-        return (self.q_proj_weight, self.k_proj_weight, self.v_proj_weight)[i], b
+        ws = (self.q_proj_weight, self.k_proj_weight, self.v_proj_weight)[i:i + r]
+        if self.qkv_biases is not None:
+            bs = self.qkv_biases[i:i + r]
+        else:
+            bs = [None if self.in_proj_bias is None else self.in_proj_bias[j * E:(j + 1) * E] for j in range(i, i + r)]
+        if r == 1:
+            return ws[0], bs[0]
+        return torch.cat(ws), None if bs[0] is None else torch.cat(bs)
 
     def proj_groups(self, q_in, k_in, v_in):
-        """[(input, first projection, r)]: which projections run as one GEMM."""
+        """[(input, first projection, r)]: which projections run as one GEMM. Self-attention runs q, k
+        and v as one GEMM; with separate weights of one shape (a Hugging Face model's three
+        nn.Linear layers) on a copy of the three concatenated, made per call (3 E x E_in elements):
+        on MiniLM's shapes (32 x 128 tokens, E 384, 12 heads of 32) one GEMM of N = 3 K D took
+        13.2 ms where three of N = K D took 14.2 (per-sample groups, 6 heads each), and 5% less
+        with a shared mask (6 or 12 heads)."""
         if self.in_proj_weight is not None:
             if q_in is k_in and k_in is v_in:
                 return [(q_in, 0, 3)]
             if k_in is v_in:
                 return [(q_in, 0, 1), (k_in, 1, 2)]
+            return [(q_in, 0, 1), (k_in, 1, 1), (v_in, 2, 1)]
+        ws = (self.q_proj_weight, self.k_proj_weight, self.v_proj_weight)
+        bs = self.qkv_biases if self.qkv_biases is not None else (self.in_proj_bias,) * 3
+        if (q_in is k_in and k_in is v_in and ws[0].shape == ws[1].shape == ws[2].shape
+                and len({b is None for b in bs}) == 1):
+            return [(q_in, 0, 3)]
         return [(q_in, 0, 1), (k_in, 1, 1), (v_in, 2, 1)]
 
 
