@@ -35,9 +35,12 @@ TORCH_LIBRARY(sparse_ops, m) {
   //   row_group: per-row, int64 [N]: each row's group id when rows were grouped by equal masks
   //     (CPU), else -1 for every row; else int64 [0].
   // dense_grad is read by the autograd formula only (skipped units' gate gradient).
+  // save=False: the call is not differentiated (sparse_ops.gated_ffn passes it when autograd does
+  // not see the call): pre and up come back as empty [0] tensors, and the CPU row groups do not
+  // write them (an [N, K] write each; ~3.5% of MiniLM's per-sample FFN).
   m.def(
       "gated_ffn(Tensor x, Tensor w1, Tensor w2, Tensor? b1, Tensor? b2, Tensor? w3, "
-      "Tensor? active, Tensor? gate, str activation, bool w2_transposed, bool dense_grad) "
+      "Tensor? active, Tensor? gate, str activation, bool w2_transposed, bool dense_grad, bool save=True) "
       "-> (Tensor out, Tensor idx, Tensor pre, Tensor up, Tensor row_mask, Tensor row_group)");
   // Gradients of gated_ffn, on the plan gated_ffn returned (idx, pre, up, row_mask, row_group;
   // active is read again only for dense_grad's gate gradient). need = [x, weights and biases,

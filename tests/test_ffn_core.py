@@ -658,6 +658,66 @@ def test_opcheck_plan_outputs(N, case):
     torch.library.opcheck(torch.ops.sparse_ops.gated_ffn.default, args)
 
 
+# ----------------------------------------------------------------- save=False (no backward)
+def _save_cases(N):
+    g = torch.Generator().manual_seed(17)
+    B = max(1, N // 16)
+    per_sample = (torch.rand(B, 1, 29, generator=g) < 0.5).expand(B, N // B, 29).reshape(-1, 29)
+    return {"none": (None, None), "idx": (torch.tensor([9, 0, 5]), None),
+            "per_row": (torch.rand(N, 29, generator=g) > 0.5, None),
+            "per_sample": (per_sample, None),
+            "per_sample_gate": (None, per_sample * (torch.rand(N, 29, generator=g, dtype=D64) + 0.5))}
+
+
+@pytest.mark.parametrize("N", [1, 3, 64])
+@pytest.mark.parametrize("case", ["none", "idx", "per_row", "per_sample", "per_sample_gate"])
+@pytest.mark.parametrize("glu_w2t", [False, True])
+def test_save_false_keeps_out_and_plan_and_drops_pre_up(N, case, glu_w2t):
+    """save=False (a call autograd does not see): out, idx, row_mask and row_group as with save=True,
+    pre and up empty (decode, union, grouped and shared paths)."""
+    x, p = make(N, w2t=glu_w2t, glu=glu_w2t)
+    active, gate = _save_cases(N)[case]
+    args = (x, p["w1"], p["w2"], p["b1"], p["b2"], p["w3"], active, gate, "gelu", glu_w2t, False)
+    full = torch.ops.sparse_ops.gated_ffn(*args)
+    lean = torch.ops.sparse_ops.gated_ffn(*args, False)
+    assert torch.equal(lean[0], full[0])
+    for i in (1, 4, 5):
+        assert torch.equal(lean[i], full[i])
+    assert lean[2].shape == (0,) and lean[3].shape == (0,)
+    if case == "per_sample" and N == 64:
+        assert full[5].min() >= 0  # the grouped path ran
+
+
+@pytest.mark.parametrize("case", ["none", "per_row", "per_sample_gate"])
+def test_opcheck_save_false(case):
+    x, p = make(64, glu=True)
+    active, gate = _save_cases(64)[case]
+    args = (x, p["w1"], p["w2"], p["b1"], p["b2"], p["w3"], active, gate, "gelu", False, False, False)
+    torch.library.opcheck(torch.ops.sparse_ops.gated_ffn.default, args)
+
+
+def test_save_false_refuses_a_differentiated_call():
+    x, p = make(8, grad=True)
+    with pytest.raises(RuntimeError, match="save=False"):
+        torch.ops.sparse_ops.gated_ffn(x, p["w1"], p["w2"], p["b1"], p["b2"], None, None, None, "gelu", False, False,
+                                       False)
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_wrapper_saves_only_when_differentiated(grad, monkeypatch):
+    """sparse_ops.gated_ffn passes save=True exactly when autograd records the call."""
+    from sparse_ops.ops import registry
+    seen = []
+    run = registry.run
+    monkeypatch.setattr(registry, "run", lambda *a: seen.append(a[-1]) or run(*a))
+    x, p = make(40, grad=True)
+    with torch.set_grad_enabled(grad):
+        call(sparse_ops.gated_ffn, x, p)
+    with torch.inference_mode():
+        call(sparse_ops.gated_ffn, x.detach(), {k: v if v is None else v.detach() for k, v in p.items()})
+    assert seen == [grad, False]
+
+
 def test_fake_plan_shapes_static_k_for_indices():
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.symbolic_shapes import ShapeEnv

@@ -90,6 +90,11 @@ def test_opcheck(N):
     args = (x, p["w1"], p["w2"], p["b1"], p["b2"], p["w3"], torch.tensor([1, 2, 30]), None, "gelu", True, False)
     from sparse_ops.ops import registry
     torch.library.opcheck(registry.triton_op("gated_ffn"), args)
+    # save=False (inputs that do not require grad): out and the plan as with save=True, pre and up empty
+    args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
+    full, lean = registry.triton_op("gated_ffn")(*args), registry.triton_op("gated_ffn")(*args, False)
+    assert all(torch.equal(lean[i], full[i]) for i in (0, 1, 4, 5)) and lean[2].numel() == lean[3].numel() == 0
+    torch.library.opcheck(registry.triton_op("gated_ffn"), args + (False,))
 
 
 @pytest.mark.parametrize("N", [1, 20])

@@ -597,7 +597,7 @@ void add_at(Tensor& acc, const Tensor& block_in, const int64_t* cols, int64_t k)
 template <typename T>
 std::tuple<Tensor, Tensor, Tensor> forward_groups(const Tensor& x, const Tensor& w1, const Tensor& w2,
                                                   const OptTensor& b1, const OptTensor& b2, const OptTensor& w3,
-                                                  Act act, bool w2_transposed, const Active& a) {
+                                                  Act act, bool w2_transposed, const Active& a, bool save) {
   const int64_t N = x.size(0), d = x.size(1), K = a.K();
   const Tensor xc = x.contiguous(), w1c = w1.contiguous(), w2c = w2.contiguous();
   const Tensor w3c = w3 ? w3->contiguous() : Tensor();
@@ -605,8 +605,9 @@ std::tuple<Tensor, Tensor, Tensor> forward_groups(const Tensor& x, const Tensor&
   const Tensor ic = a.idx.contiguous();
   const Tensor gate_a = a.gate_a.defined() ? a.gate_a.contiguous() : Tensor();
   Tensor out = at::empty({N, d}, x.options());
-  Tensor pre = at::empty({N, K}, x.options());
-  Tensor up = w3 ? at::empty({N, K}, x.options()) : x.new_empty({0});
+  // pre / up for the backward (save), else empty and never written.
+  Tensor pre = save ? at::empty({N, K}, x.options()) : x.new_empty({0});
+  Tensor up = save && w3 ? at::empty({N, K}, x.options()) : x.new_empty({0});
   const T* w1p = w1c.data_ptr<T>();
   const T* w3p = w3 ? w3c.data_ptr<T>() : nullptr;
   const T* b1p = b1 ? b1c.data_ptr<T>() : nullptr;
@@ -615,8 +616,8 @@ std::tuple<Tensor, Tensor, Tensor> forward_groups(const Tensor& x, const Tensor&
   const int64_t* ip = ic.data_ptr<int64_t>();
   const W2Rows w2r = w2_rows(w2c, w2_transposed, ic, ip);
   T* outp = out.data_ptr<T>();
-  T* prep = pre.data_ptr<T>();
-  T* upp = w3 ? up.data_ptr<T>() : nullptr;
+  T* prep = save ? pre.data_ptr<T>() : nullptr;
+  T* upp = save && w3 ? up.data_ptr<T>() : nullptr;
   const auto& groups = a.groups;
   const int64_t G = int64_t(groups.size());
   // Rows a group leaves untouched (a row in no group cannot happen: every row has a mask) get
@@ -638,7 +639,7 @@ std::tuple<Tensor, Tensor, Tensor> forward_groups(const Tensor& x, const Tensor&
           T* o = outp + rows[r] * d;
           if (b2p) std::memcpy(o, b2p, size_t(d) * sizeof(T));
           else std::fill(o, o + d, T(0));
-          std::fill(prep + rows[r] * K, prep + (rows[r] + 1) * K, T(0));
+          if (prep) std::fill(prep + rows[r] * K, prep + (rows[r] + 1) * K, T(0));
           if (upp) std::fill(upp + rows[r] * K, upp + (rows[r] + 1) * K, T(0));
         }
         continue;
@@ -661,8 +662,8 @@ std::tuple<Tensor, Tensor, Tensor> forward_groups(const Tensor& x, const Tensor&
         Ug = at::mm(Xg, W1g.t());
       }
       // pre / up rows: zero outside the group's columns, the group's values at them.
-      put_block<T>(prep, K, rows, n, cols, k, Pg, true);
-      if (w3p) put_block<T>(upp, K, rows, n, cols, k, Ug, true);
+      if (prep) put_block<T>(prep, K, rows, n, cols, k, Pg, true);
+      if (upp) put_block<T>(upp, K, rows, n, cols, k, Ug, true);
       Tensor Hg = apply_act(Pg, act);
       if (w3p) Hg.mul_(Ug);
       if (gate_a.defined()) Hg.mul_(take_gate<T>(gate_a, rows, n, cols, k));
@@ -801,7 +802,7 @@ Grads backward_groups(const Tensor& grad_out_in, const Tensor& x, const Tensor& 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gated_ffn_cpu(
     const Tensor& x, const Tensor& w1, const Tensor& w2, const OptTensor& b1, const OptTensor& b2,
     const OptTensor& w3, const OptTensor& active, const OptTensor& gate, std::string activation,
-    bool w2_transposed, bool /*dense_grad*/) {
+    bool w2_transposed, bool /*dense_grad*/, bool save) {
   check_inputs(x, w1, w2, b1, b2, w3, active, gate, w2_transposed);
   const Act act = parse_activation(activation);
   const int64_t N = x.size(0), F = w1.size(0);
@@ -816,11 +817,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gated_ffn_cpu(
     r = st == at::kFloat ? forward_decode<float>(x, w1, w2, b1, b2, w3, gate, act, w2_transposed, a)
                          : forward_decode<double>(x, w1, w2, b1, b2, w3, gate, act, w2_transposed, a);
   } else if (a.groups.size() > 1 && (st == at::kFloat || st == at::kDouble)) {
-    r = st == at::kFloat ? forward_groups<float>(x, w1, w2, b1, b2, w3, act, w2_transposed, a)
-                         : forward_groups<double>(x, w1, w2, b1, b2, w3, act, w2_transposed, a);
+    r = st == at::kFloat ? forward_groups<float>(x, w1, w2, b1, b2, w3, act, w2_transposed, a, save)
+                         : forward_groups<double>(x, w1, w2, b1, b2, w3, act, w2_transposed, a, save);
   } else {
     r = forward_gathered(x, w1, w2, b1, b2, w3, act, w2_transposed, a);
   }
+  if (!save) return {std::get<0>(r), a.idx, x.new_empty({0}), x.new_empty({0}), a.saved_mask, a.saved_group};
   return {std::get<0>(r), a.idx, std::get<1>(r), std::get<2>(r), a.saved_mask, a.saved_group};
 }
 

@@ -89,7 +89,7 @@ void cuda_scatter(Tensor& dst, int64_t dim, const Tensor& idx, const Tensor& src
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gated_ffn_cuda(
     const Tensor& x, const Tensor& w1, const Tensor& w2, const OptTensor& b1, const OptTensor& b2,
     const OptTensor& w3, const OptTensor& active, const OptTensor& gate, std::string activation,
-    bool w2_transposed, bool /*dense_grad*/) {
+    bool w2_transposed, bool /*dense_grad*/, bool save) {
   check_inputs(x, w1, w2, b1, b2, w3, active, gate, w2_transposed);
   c10::cuda::CUDAGuard guard(x.device());
   const Act act = parse_activation(activation);
@@ -103,6 +103,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gated_ffn_cuda(
   } else {
     r = forward_gathered(x, w1, w2, b1, b2, w3, act, w2_transposed, a);
   }
+  if (!save) return {std::get<0>(r), a.idx, x.new_empty({0}), x.new_empty({0}), a.saved_mask, a.saved_group};
   return {std::get<0>(r), a.idx, std::get<1>(r), std::get<2>(r), a.saved_mask, a.saved_group};
 }
 

@@ -119,8 +119,9 @@ def gated_ffn(x, w1, w2, active=None, *, b1=None, b2=None, w3=None, gate=None,
     flat = _normal_already(x, w1, active, gate)
     x2, lead, active, gate = (x, None, active, gate) if flat else _normalize(x, w1, active, gate)
     _check_devices(x, w1, w2, b1, b2, w3, active, gate)
+    save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w1, w2, b1, b2, w3, gate))
     out = _registry.run("gated_ffn", x.device, _pick(backend, x2), x2, w1, w2, b1, b2, w3, active, gate,
-                        activation, w2_transposed, dense_grad)
+                        activation, w2_transposed, dense_grad, save)
     return out if flat else out.reshape(*lead, out.shape[-1])
 
 
@@ -141,7 +142,7 @@ def _pick(backend, x2):
 
 
 # ----------------------------------------------------------------- registration
-def _fake(x, w1, w2, b1, b2, w3, active, gate, activation, w2_transposed, dense_grad):
+def _fake(x, w1, w2, b1, b2, w3, active, gate, activation, w2_transposed, dense_grad, save=True):
     N, d = x.shape
     F_ = w1.shape[0]
     if active is None and gate is None:
@@ -152,13 +153,13 @@ def _fake(x, w1, w2, b1, b2, w3, active, gate, activation, w2_transposed, dense_
         # K (columns that run) depends on the mask's values; bounded by F when F is static.
         ctx = torch.library.get_ctx()
         K = ctx.new_dynamic_size(min=0, max=F_) if isinstance(F_, int) else ctx.new_dynamic_size()
-    up = x.new_empty((N, K)) if w3 is not None else x.new_empty((0,))
+    pre = x.new_empty((N, K)) if save else x.new_empty((0,))
+    up = x.new_empty((N, K)) if (w3 is not None and save) else x.new_empty((0,))
     # The row plan: bool [N, K] / int64 [N] for per-row masks, else empty (shapes by input shapes).
     per_row = _reference.ffn_per_row(active, gate)
     row_mask = x.new_empty((N, K) if per_row else (0,), dtype=torch.bool)
     row_group = x.new_empty((N,) if per_row else (0,), dtype=torch.int64)
-    return (x.new_empty((N, d)), x.new_empty((K,), dtype=torch.int64), x.new_empty((N, K)), up,
-            row_mask, row_group)
+    return (x.new_empty((N, d)), x.new_empty((K,), dtype=torch.int64), pre, up, row_mask, row_group)
 
 
 def _backward_fake(grad_out, x, w1, w2, b1, w3, active, gate, idx, pre, up, row_mask, row_group, activation,
@@ -176,7 +177,10 @@ def _backward_fake(grad_out, x, w1, w2, b1, w3, active, gate, idx, pre, up, row_
 
 
 def _setup_context(ctx, inputs, output):
-    x, w1, w2, b1, b2, w3, active, gate, activation, w2_transposed, dense_grad = inputs
+    x, w1, w2, b1, b2, w3, active, gate, activation, w2_transposed, dense_grad = inputs[:11]
+    if len(inputs) > 11 and not inputs[11]:
+        raise RuntimeError("sparse_ops::gated_ffn: called with save=False, which keeps nothing for the backward, "
+                           "on inputs that require grad; call it with save=True")
     _, idx, pre, up, row_mask, row_group = output
     ctx.save_for_backward(x, w1, w2, b1, w3, active, gate, idx, pre, up, row_mask, row_group)
     ctx.args = (activation, w2_transposed, dense_grad)
@@ -201,7 +205,7 @@ def _backward(lookup):
                 dw3 if (nig[5] and has_w3) else None,
                 None,
                 dgate if (nig[7] and has_gate) else None,
-                None, None, None)
+                None, None, None, None)
     return backward
 
 
@@ -215,7 +219,7 @@ def _triton_backward():
     return k.backward
 
 
-def _reference_forward(x, w1, w2, b1, b2, w3, active, gate, activation, w2_transposed, dense_grad):
+def _reference_forward(x, w1, w2, b1, b2, w3, active, gate, activation, w2_transposed, dense_grad, save=True):
     _reference.check_ffn_indices(active, w1.shape[0])  # the kernels' rule (the reference alone treats them as a set)
     return _reference.gated_ffn(x, w1, w2, active, b1=b1, b2=b2, w3=w3, gate=gate, activation=activation,
                                 w2_transposed=w2_transposed, dense_grad=dense_grad)

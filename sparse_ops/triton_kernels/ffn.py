@@ -371,8 +371,17 @@ def _check(x, w1, w2, b1, b2, w3, active, gate, activation, w2_transposed):
     _acts.check(activation, "gated_ffn (triton)")
 
 
-def forward(x, w1, w2, b1, b2, w3, active, gate, activation, w2_transposed, dense_grad):
-    """sparse_ops::gated_ffn on the Triton kernels: (out, idx, pre, up, row_mask, row_group)."""
+def forward(x, w1, w2, b1, b2, w3, active, gate, activation, w2_transposed, dense_grad, save=True):
+    """sparse_ops::gated_ffn on the Triton kernels: (out, idx, pre, up, row_mask, row_group); pre and
+    up empty without save."""
+    out, idx, pre, up, saved_mask, saved_group = _forward(x, w1, w2, b1, b2, w3, active, gate, activation,
+                                                          w2_transposed)
+    if not save:
+        pre, up = x.new_empty(0), x.new_empty(0)  # two tensors: outputs must not alias
+    return out, idx, pre, up, saved_mask, saved_group
+
+
+def _forward(x, w1, w2, b1, b2, w3, active, gate, activation, w2_transposed):
     _check(x, w1, w2, b1, b2, w3, active, gate, activation, w2_transposed)
     x = x.contiguous()
     N, d = x.shape
