@@ -123,6 +123,13 @@ std::tuple<Tensor, Tensor, Tensor> forward_gathered(
   return {out, pre, up};
 }
 
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> forward_outputs(
+    const std::tuple<Tensor, Tensor, Tensor>& r, const Active& a, bool save) {
+  const Tensor& out = std::get<0>(r);
+  if (!save) return {out, a.idx, out.new_empty({0}), out.new_empty({0}), a.saved_mask, a.saved_group};
+  return {out, a.idx, std::get<1>(r), std::get<2>(r), a.saved_mask, a.saved_group};
+}
+
 // ------------------------------------------------------------------ backward
 // Gradients of one block, compact: dx [n, d], dW1a/dW3a [K, d], dW2a ([K, d] or [d, K]),
 // db1a [K], dgate_a ([K] or [n, K], 0 where a row's unit did not run). Any may be undefined

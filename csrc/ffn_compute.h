@@ -26,6 +26,11 @@ std::tuple<Tensor, Tensor, Tensor> forward_gathered(
     const Tensor& x, const Tensor& w1, const Tensor& w2, const OptTensor& b1, const OptTensor& b2,
     const OptTensor& w3, Act act, bool w2_transposed, const Active& a);
 
+// The op's outputs (out, idx, pre, up, row_mask, row_group) from a forward's (out, pre, up) and
+// its plan; without save, pre and up come back as empty [0] tensors.
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> forward_outputs(
+    const std::tuple<Tensor, Tensor, Tensor>& r, const Active& a, bool save);
+
 // Gradients of gated_ffn on the plan's columns. Each is undefined when not needed (or its input
 // is absent), else defined, contiguous and in x's dtype:
 //   dx [N, d]; db2 [d];

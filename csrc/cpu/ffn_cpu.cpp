@@ -822,8 +822,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gated_ffn_cpu(
   } else {
     r = forward_gathered(x, w1, w2, b1, b2, w3, act, w2_transposed, a);
   }
-  if (!save) return {std::get<0>(r), a.idx, x.new_empty({0}), x.new_empty({0}), a.saved_mask, a.saved_group};
-  return {std::get<0>(r), a.idx, std::get<1>(r), std::get<2>(r), a.saved_mask, a.saved_group};
+  return forward_outputs(r, a, save);
 }
 
 // A tensor of zeros [R, C] (contiguous) holding src's rows (dim 0) or columns (dim 1) at the

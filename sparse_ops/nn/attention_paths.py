@@ -58,13 +58,19 @@ class Weights(NamedTuple):
             b = None if self.in_proj_bias is None else self.in_proj_bias[i * E:(i + r) * E]
             return self.in_proj_weight[i * E:(i + r) * E], b
         ws = (self.q_proj_weight, self.k_proj_weight, self.v_proj_weight)[i:i + r]
-        if self.qkv_biases is not None:
-            bs = self.qkv_biases[i:i + r]
-        else:
-            bs = [None if self.in_proj_bias is None else self.in_proj_bias[j * E:(j + 1) * E] for j in range(i, i + r)]
+        bs = self._separate_biases()[i:i + r]
         if r == 1:
             return ws[0], bs[0]
         return torch.cat(ws), None if bs[0] is None else torch.cat(bs)
+
+    def _separate_biases(self):
+        """(b_q, b_k, b_v) of separate q, k, v weights (each [E] or None): qkv_biases, else views of
+        in_proj_bias."""
+        if self.qkv_biases is not None:
+            return tuple(self.qkv_biases)
+        E = self.out_proj_weight.shape[0]
+        b = self.in_proj_bias
+        return tuple(None if b is None else b[j * E:(j + 1) * E] for j in range(3))
 
     def proj_groups(self, q_in, k_in, v_in):
         """[(input, first projection, r)]: which projections run as one GEMM. Self-attention runs q, k
@@ -80,9 +86,8 @@ class Weights(NamedTuple):
                 return [(q_in, 0, 1), (k_in, 1, 2)]
             return [(q_in, 0, 1), (k_in, 1, 1), (v_in, 2, 1)]
         ws = (self.q_proj_weight, self.k_proj_weight, self.v_proj_weight)
-        bs = self.qkv_biases if self.qkv_biases is not None else (self.in_proj_bias,) * 3
         if (q_in is k_in and k_in is v_in and ws[0].shape == ws[1].shape == ws[2].shape
-                and len({b is None for b in bs}) == 1):
+                and len({b is None for b in self._separate_biases()}) == 1):
             return [(q_in, 0, 3)]
         return [(q_in, 0, 1), (k_in, 1, 1), (v_in, 2, 1)]
 

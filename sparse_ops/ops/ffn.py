@@ -119,7 +119,7 @@ def gated_ffn(x, w1, w2, active=None, *, b1=None, b2=None, w3=None, gate=None,
     flat = _normal_already(x, w1, active, gate)
     x2, lead, active, gate = (x, None, active, gate) if flat else _normalize(x, w1, active, gate)
     _check_devices(x, w1, w2, b1, b2, w3, active, gate)
-    save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w1, w2, b1, b2, w3, gate))
+    save = _registry.records_grad((x, w1, w2, b1, b2, w3, gate))
     out = _registry.run("gated_ffn", x.device, _pick(backend, x2), x2, w1, w2, b1, b2, w3, active, gate,
                         activation, w2_transposed, dense_grad, save)
     return out if flat else out.reshape(*lead, out.shape[-1])

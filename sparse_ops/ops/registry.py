@@ -110,13 +110,17 @@ def triton_op(name: str):
     return op
 
 
-def _needs_graph(args) -> bool:
-    """Whether autograd must see the call: grad mode on and a tensor argument requiring grad, or tracing."""
-    if torch.compiler.is_compiling():
-        return True
+def records_grad(args) -> bool:
+    """Whether autograd records a call on args: grad mode on and a tensor argument requiring grad
+    (an op's forward keeps what its backward needs only then: gated_ffn's `save`)."""
     if not torch.is_grad_enabled():
         return False
     return any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
+
+
+def _needs_graph(args) -> bool:
+    """Whether autograd must see the call: it records the call (records_grad), or tracing."""
+    return torch.compiler.is_compiling() or records_grad(args)
 
 
 def _target(name: str, backend: str) -> Callable:
