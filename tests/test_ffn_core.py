@@ -709,13 +709,13 @@ def test_wrapper_saves_only_when_differentiated(grad, monkeypatch):
     from sparse_ops.ops import registry
     seen = []
     run = registry.run
-    monkeypatch.setattr(registry, "run", lambda *a: seen.append(a[-1]) or run(*a))
+    monkeypatch.setattr(registry, "run", lambda *a, **kw: seen.append((a[-1], kw["grad"])) or run(*a, **kw))
     x, p = make(40, grad=True)
     with torch.set_grad_enabled(grad):
         call(sparse_ops.gated_ffn, x, p)
     with torch.inference_mode():
         call(sparse_ops.gated_ffn, x.detach(), {k: v if v is None else v.detach() for k, v in p.items()})
-    assert seen == [grad, False]
+    assert seen == [(grad, grad), (False, False)]
 
 
 def test_fake_plan_shapes_static_k_for_indices():

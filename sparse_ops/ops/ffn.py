@@ -24,14 +24,14 @@ def _check_tensor(t, name: str):
 
 
 def _check_devices(x, w1, w2, b1, b2, w3, active, gate):
-    """Every tensor on x's device: one on another device would send the call to that device's
-    kernel (a meta w1 made a CPU x run the fake kernel and return uninitialised memory)."""
+    """Every tensor on x's device. Run where a mixed call lands without reaching a kernel that
+    checks (csrc's do): the fake kernel (a meta w1 sends a CPU x there, which then returned
+    uninitialised memory) and the reference; not in the wrapper, whose every step is paid on
+    each decode call."""
     dev = x.device
     for name, t in (("w1", w1), ("w2", w2), ("b1", b1), ("b2", b2), ("w3", w3), ("active", active),
                     ("gate", gate)):
-        if t is None:
-            if name in ("w1", "w2"):
-                _check_tensor(t, name)
+        if t is None and name not in ("w1", "w2"):
             continue
         _check_tensor(t, name)
         if t.device != dev:
@@ -46,15 +46,16 @@ def _broadcasts_to(shape, target) -> bool:
     return all(s == 1 or s == t for s, t in zip(reversed(shape), reversed(target)))
 
 
-def _normal_already(x, w1, active, gate) -> bool:
-    """Whether _normalize would change nothing: x is [N, d], no gate, and active is None, int64
-    indices, a bool [F] or a bool [N, F] (the op checks the rest with the same messages). It
-    spares a decode call ~10 us of Python (views of x and the mask, and of the output)."""
-    if gate is not None or type(x) is not torch.Tensor or type(w1) is not torch.Tensor or x.dim() != 2:
+def _normal_already(x, w1, w2, active, gate) -> bool:
+    """Whether _normalize would change nothing: x is [N, d], w1 and w2 are tensors, no gate, and
+    active is None, int64 indices, a bool [F] or a bool [N, F] (the op checks the rest with the
+    same messages). It spares a decode call the views of x, the mask and the output."""
+    T = torch.Tensor
+    if gate is not None or not (isinstance(x, T) and isinstance(w1, T) and isinstance(w2, T)) or x.dim() != 2:
         return False
     if active is None:
         return True
-    if type(active) is not torch.Tensor:
+    if not isinstance(active, T):
         return False
     if active.dtype == torch.int64:
         return active.dim() == 1
@@ -115,13 +116,20 @@ def gated_ffn(x, w1, w2, active=None, *, b1=None, b2=None, w3=None, gate=None,
     gradient: exact for units that ran; for skipped units 0, or exact with dense_grad=True).
     activation: 'gelu' | 'gelu_tanh' | 'relu' | 'silu'. Returns a tensor shaped like x.
     """
-    _acts.check(activation)
-    flat = _normal_already(x, w1, active, gate)
-    x2, lead, active, gate = (x, None, active, gate) if flat else _normalize(x, w1, active, gate)
-    _check_devices(x, w1, w2, b1, b2, w3, active, gate)
-    save = _registry.records_grad((x, w1, w2, b1, b2, w3, gate))
-    out = _registry.run("gated_ffn", x.device, _pick(backend, x2), x2, w1, w2, b1, b2, w3, active, gate,
-                        activation, w2_transposed, dense_grad, save)
+    # The fast path (2-D x, plain mask, no gate: every decode call) runs as few Python steps as it
+    # can: after a large kernel each one is paid with the interpreter's data out of cache (5-40
+    # us a step, against 0.1-1 us in a hot loop; see registry.run).
+    if activation not in _acts.CODE:
+        _acts.check(activation)
+    flat = _normal_already(x, w1, w2, active, gate)
+    if not flat:
+        x2, lead, active, gate = _normalize(x, w1, active, gate)
+        _check_tensor(w2, "w2")
+    else:
+        x2 = x
+    save = torch.is_grad_enabled() and _registry.records_grad((x, w1, w2, b1, b2, w3, gate))
+    out = _registry.run("gated_ffn", x.device, _pick(backend, x2) if x2.is_cuda else backend, x2, w1, w2, b1, b2, w3, active, gate,
+                        activation, w2_transposed, dense_grad, save, grad=save)
     return out if flat else out.reshape(*lead, out.shape[-1])
 
 
@@ -143,6 +151,7 @@ def _pick(backend, x2):
 
 # ----------------------------------------------------------------- registration
 def _fake(x, w1, w2, b1, b2, w3, active, gate, activation, w2_transposed, dense_grad, save=True):
+    _check_devices(x, w1, w2, b1, b2, w3, active, gate)
     N, d = x.shape
     F_ = w1.shape[0]
     if active is None and gate is None:
@@ -220,6 +229,7 @@ def _triton_backward():
 
 
 def _reference_forward(x, w1, w2, b1, b2, w3, active, gate, activation, w2_transposed, dense_grad, save=True):
+    _check_devices(x, w1, w2, b1, b2, w3, active, gate)
     _reference.check_ffn_indices(active, w1.shape[0])  # the kernels' rule (the reference alone treats them as a set)
     return _reference.gated_ffn(x, w1, w2, active, b1=b1, b2=b2, w3=w3, gate=gate, activation=activation,
                                 w2_transposed=w2_transposed, dense_grad=dense_grad)

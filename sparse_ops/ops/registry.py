@@ -12,9 +12,9 @@ backend -> launcher table per op, shared by the C++ kernels and their Triton twi
   An autograd formula is a factory `backward(lookup)`: `lookup(other)` returns the op `other`
   *of the same implementation*, so the C++ forward's gradient runs the C++ backward op and the
   Triton forward's runs the Triton one.
-- Dispatch: `launch(name, backend)` returns a callable taking the schema's arguments and
-  returning the op's first output: cpp / cuda -> torch.ops.sparse_ops.<name>, triton -> the twin
-  (registered on first use, which is when triton is first imported), torch -> the reference.
+- Dispatch: `run(name, device, backend, *schema arguments)` picks the backend and returns the
+  op's first output: cpp / cuda -> torch.ops.sparse_ops.<name>, triton -> the twin (registered
+  on first use, which is when triton is first imported), torch -> the reference.
 
 The Triton twins are `torch.library.custom_op`s whose bodies call plain launchers
 (sparse_ops/triton_kernels/*: kernels only, no registration): on torch 2.11-2.14 a custom op with
@@ -45,7 +45,7 @@ class _Spec:
 
 _SPECS: dict[str, _Spec] = {}
 _TWINS: dict[str, object] = {}
-_LAUNCH: dict[tuple[str, str], Callable] = {}
+_OPS: dict[tuple[str, str], Callable] = {}  # run's cache of _target
 
 
 def define(name: str, *, fake: Callable, setup_context: Callable | None = None,
@@ -112,15 +112,11 @@ def triton_op(name: str):
 
 def records_grad(args) -> bool:
     """Whether autograd records a call on args: grad mode on and a tensor argument requiring grad
-    (an op's forward keeps what its backward needs only then: gated_ffn's `save`)."""
+    (an op's forward keeps what its backward needs only then: gated_ffn's `save`). Without it,
+    run() calls the op below the autograd layer."""
     if not torch.is_grad_enabled():
         return False
     return any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
-
-
-def _needs_graph(args) -> bool:
-    """Whether autograd must see the call: it records the call (records_grad), or tracing."""
-    return torch.compiler.is_compiling() or records_grad(args)
 
 
 def _target(name: str, backend: str) -> Callable:
@@ -134,40 +130,32 @@ def _target(name: str, backend: str) -> Callable:
     return triton_op(name) if backend == "triton" else _cpp_op(name)
 
 
-def _make_launcher(name: str, backend: str) -> Callable:
-    op = _target(name, backend)
-    if backend == "torch":
-        return op
-    first = _SPECS[name].tuple_out
+def run(name: str, device: torch.device, backend: str | None, *args, grad: bool | None = None):
+    """Pick the backend for `device` (sparse_ops.backend.choose) and run op `name` on it. `grad`:
+    records_grad(args) when the caller has it already (gated_ffn: its `save`).
 
-    def launch(*args):
-        if _needs_graph(args):
-            out = op(*args)
-        else:
-            # Nothing to differentiate: straight to the kernel, below the autograd layer (the
-            # autograd wrapper was ~24 us of a ~80 us fixed cost per gated_ffn decode call).
-            with torch._C._AutoDispatchBelowAutograd():
-                out = op(*args)
-        return out[0] if first else out
-
-    return launch
-
-
-def launch(name: str, backend: str) -> Callable:
-    """The callable that runs op `name` on `backend` ('cpp', 'cuda', 'triton' or 'torch'):
-    schema arguments in, the op's first output out."""
-    fn = _LAUNCH.get((name, backend))
-    if fn is None:
-        fn = _LAUNCH[(name, backend)] = _make_launcher(name, backend)
-    return fn
-
-
-def run(name: str, device: torch.device, backend: str | None, *args):
-    """Pick the backend for `device` (sparse_ops.backend.choose) and run op `name` on it."""
+    Every public op reaches its kernel through here, so the path is short: a decode call follows
+    large kernels, which leave the interpreter's code and data out of cache, and each Python step
+    then costs 5-40 us instead of its 0.1-1 us in a hot loop (measured after a dense FFN call at
+    d=768, F=3072)."""
     picked = _backend.choose(name, device, backend)
     if torch.compiler.is_compiling():
-        # Traced: the op itself (autograd included), not the launcher cache, whose first fill
+        # Traced: the op itself (autograd included), not the _OPS cache, whose first fill
         # would be traced as a dict insertion and recompile the next call.
         out = _target(name, picked)(*args)
         return out[0] if picked != "torch" and _SPECS[name].tuple_out else out
-    return launch(name, picked)(*args)
+    if picked == "torch":
+        return _target(name, picked)(*args)
+    op = _OPS.get((name, picked))
+    if op is None:
+        op = _OPS[(name, picked)] = _target(name, picked)
+    if grad is None:
+        grad = records_grad(args)
+    if grad:
+        out = op(*args)
+    else:
+        # Nothing to differentiate: straight to the kernel, below the autograd layer (the
+        # autograd wrapper was ~24 us of a ~80 us fixed cost per gated_ffn decode call).
+        with torch._C._AutoDispatchBelowAutograd():
+            out = op(*args)
+    return out[0] if _SPECS[name].tuple_out else out
