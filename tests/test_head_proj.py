@@ -117,6 +117,35 @@ def test_grouped_out_proj_equals_per_sample_formula(plan):
     torch.testing.assert_close(out0, ref - bo)
 
 
+# chunks of one sample; of 3 samples in "one_group_all" (R = K = 2: 192 and 224 bytes a sample), 3 + 1;
+# one chunk for everything
+@pytest.mark.parametrize("chunk_bytes", [1, 672, 1 << 30])
+@pytest.mark.parametrize("plan", list(PLANS))
+@pytest.mark.parametrize("bias", [True, False])
+def test_grouped_projections_without_grad_equal_the_autograd_path(plan, chunk_bytes, bias, monkeypatch):
+    """Without autograd the grouped projections gather their weights a chunk of samples at a
+    time (head_proj._CHUNK_BYTES); the result is the autograd Functions' (the per-sample formula
+    tested above), for chunks of one sample, chunks that leave a partial last one, and one chunk."""
+    from sparse_ops.ops import head_proj
+    x, W, b, Wo, bo = (t.detach() for t in data())
+    b, bo = (b, bo) if bias else (None, None)
+    samples, ids = PLANS[plan]
+    g = torch.Generator().manual_seed(2)
+    os = [torch.randn(B if S is None else S.numel(), T, hd.numel() // (B if S is None else S.numel()) * D,
+                      generator=g, dtype=F64) for S, hd in zip(samples, ids)]
+    with_grad = (grouped_head_in_proj(x, W.requires_grad_(), b, samples, ids, D),
+                 grouped_head_out_proj(os, Wo.requires_grad_(), bo, samples, ids, B, D))
+    assert with_grad[1].grad_fn is not None
+    monkeypatch.setattr(head_proj, "_CHUNK_BYTES", chunk_bytes)
+    with torch.no_grad():
+        ys = grouped_head_in_proj(x, W, b, samples, ids, D)
+        out = grouped_head_out_proj(os, Wo, bo, samples, ids, B, D)
+    assert out.grad_fn is None
+    for y, r in zip(ys, with_grad[0]):
+        torch.testing.assert_close(y, r.detach())
+    torch.testing.assert_close(out, with_grad[1].detach())
+
+
 def test_nan_in_unused_blocks_does_not_leak():
     x, W, b, Wo, bo = data()
     with torch.no_grad():
