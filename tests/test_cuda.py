@@ -401,3 +401,29 @@ def test_mha_cuda_opcheck():
                                (gate, pad, False, True), (torch.ones(H, dtype=torch.bool, device=DEV), None, True, False),
                                (torch.zeros(B, H, dtype=torch.bool, device=DEV), None, False, False)):
         torch.library.opcheck(op, (q, k, v, hm, am, causal, None, dg))
+
+
+def test_seven_two_four_masks_through_semi_structured_matmul():
+    """Seven's final 2:4 masks made physical (Seven.to_semi_structured): the linears then run
+    torch's semi-structured sparse matmul, and the model's output equals the masked dense one's
+    (float16)."""
+    if torch.cuda.get_device_capability() < (8, 0):
+        pytest.skip("torch's semi-structured sparse matmul needs sm_80 or newer")
+    from sparse_ops.pruning import Seven
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(128, 256), torch.nn.ReLU(), torch.nn.Linear(256, 128),
+                                torch.nn.ReLU(), torch.nn.Linear(128, 8)).to(DEV)
+    p = Seven(model, 0.5, steps=2, granularity="2:4")
+    for _ in range(2):
+        model.zero_grad()
+        model(torch.randn(64, 128, device=DEV)).square().mean().backward()
+        p.step()
+    model.half()
+    x = torch.randn(64, 128, device=DEV, dtype=torch.float16)
+    with torch.no_grad():
+        ref = model(x)
+    assert p.to_semi_structured() == ["0.weight", "2.weight"]
+    assert isinstance(model[0].weight, torch.sparse.SparseSemiStructuredTensor)
+    with torch.no_grad():
+        out = model(x)
+    torch.testing.assert_close(out, ref, rtol=2e-2, atol=2e-2)

@@ -615,3 +615,26 @@ def test_two_four_masks_at_the_last_step():
     odd = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Linear(8, 2))
     with pytest.raises(ValueError, match="divisible by 4"):
         Seven(odd, 0.5, granularity="2:4")
+
+
+def test_to_semi_structured_needs_final_two_four_masks_on_cuda():
+    """Seven.to_semi_structured refuses, naming what is missing, before the 2:4 masks are final,
+    for another granularity, and for weights torch's semi-structured matmul cannot take (here:
+    float64 on the CPU), and then leaves the model as it was. (The conversion itself: test_cuda.)"""
+    model = mlp()
+    before = {n: w.detach().clone() for n, w in model.named_parameters()}
+    p = Seven(model, 0.5, steps=2, granularity="2:4")
+    with pytest.raises(ValueError, match="0 of 2 steps"):
+        p.to_semi_structured()
+    for i in range(2):
+        model.zero_grad()
+        mlp_loss(model, mlp_batch(i)).backward()
+        p.step()
+    with pytest.raises(ValueError, match=r"CUDA float16 / bfloat16 weights .*0\.weight is torch\.float64 on cpu"):
+        p.to_semi_structured()
+    for n, w in model.named_parameters():
+        assert type(w) is torch.nn.Parameter and w.layout == torch.strided
+        assert torch.equal(w.detach(), before[n] * p.masks[n]) if n in PRUNED else torch.equal(w.detach(), before[n])
+    assert len(p._hooks) == len(PRUNED)  # still pruning: the gradient hooks stay
+    with pytest.raises(ValueError, match="needs granularity '2:4'"):
+        Seven(mlp(), 0.5, steps=1).to_semi_structured()

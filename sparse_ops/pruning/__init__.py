@@ -2,7 +2,8 @@
 keep, or a shallower / physically smaller model.
 
   Seven(model, keep, start_step=0, steps=100, alpha1=0.8, alpha2=0.9, granularity=..., modules=None)
-                         SEVEN importance scores and masks (seven.py)
+                         SEVEN importance scores and masks (seven.py); .set_masks() (structured),
+                         .to_semi_structured() (2:4 on CUDA: torch's semi-structured sparse matmul)
   prune_layers(model, n, calib, score="block_influence")   remove n layers (layers.py)
   merge_layers(model, calib, threshold)                     sliding-window layer merging (layers.py)
   compact(model)         a patched model's static masks made physical (compact.py)

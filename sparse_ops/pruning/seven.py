@@ -184,6 +184,35 @@ class Seven:
                              "structured granularity ('column', 'head', 'layer')")
         patching.set_masks(self.model, **self.unit_masks)
 
+    def to_semi_structured(self) -> list:
+        """Make the final 2:4 masks physical for torch's semi-structured sparse matmul (sparse tensor
+        cores, sm_80+): each pruned nn.Linear's weight becomes
+        torch.sparse.to_sparse_semi_structured(weight * mask), a frozen parameter, so F.linear runs
+        the 2:4 kernel (inference only: the weight gets no gradient; the gradient hooks are removed).
+        Needs granularity "2:4" after its last pruning step, and CUDA float16 / bfloat16 weights;
+        torch's own error names a weight shape its kernels do not take. Returns the converted
+        parameter names. Not yet run on a GPU by this project (no GPU machine so far)."""
+        op = "sparse_ops.pruning.Seven.to_semi_structured"
+        if self.kinds != ("2:4",):
+            raise ValueError(f"{op}: needs granularity '2:4'; this pruner's is {self.granularity!r}")
+        if self.t < self.steps:
+            raise ValueError(f"{op}: the 2:4 masks are set at the last pruning step; {self.t} of {self.steps} "
+                             f"steps have run")
+        for n, w in self._w.items():
+            if w.device.type != "cuda" or w.dtype not in (torch.float16, torch.bfloat16):
+                raise ValueError(f"{op}: torch's semi-structured sparse matmul needs CUDA float16 / bfloat16 weights "
+                                 f"(sm_80 or newer); {n} is {w.dtype} on {w.device}")
+        from torch.sparse import to_sparse_semi_structured
+        owner = {id(m.weight): m for m in self.model.modules() if isinstance(m, torch.nn.Linear)}
+        self.remove()
+        done = []
+        for n, w in self._w.items():
+            with torch.no_grad():
+                sparse = to_sparse_semi_structured(w.detach() * self._mask[n].to(w.dtype))
+            owner[id(w)].weight = torch.nn.Parameter(sparse, requires_grad=False)
+            done.append(n)
+        return done
+
     # ------------------------------------------------------------- one pruning step
     def keep_at(self, t: int) -> float:
         """The kept fraction after pruning step t (0-based): keep + (1 - keep)(1 - (t+1)/steps)^3."""
