@@ -81,6 +81,12 @@ CASES = {
     "ffn row_mask short": (FFN, 'args["active"] = torch.rand(5, 12, generator=torch.Generator().manual_seed(1)) > 0.5\n'
                                 'args["row_mask"] = torch.ones(2, 3, dtype=torch.bool)\n'
                                 'args["row_group"] = torch.full((5,), -1)', "row_mask must be|idx must be the sorted"),
+    # The reproducer: a per-row mask of fewer rows than x (the row grouping read past it).
+    # A copy, so that under ASan the rows it lacks lie outside its allocation.
+    "ffn row_mask fewer rows than x": (FFN, 'args["active"] = torch.rand(5, 12, generator=torch.Generator().manual_seed(1)) > 0.5\n'
+                                           '_, args["idx"], args["pre"], up, rm, args["row_group"] = fwd(\n'
+                                           '    x, w1, w2, None, None, None, args["active"], None, "gelu", False, False)\n'
+                                           'args["row_mask"] = rm[:2].clone()', "row_mask must be"),
     "rows idx out of range": (ROWS, 'args["idx"] = torch.tensor([4, -1, 10**9])', "idx must be in"),
     "rows idx repeated": (ROWS, 'args["idx"] = torch.tensor([4, 4, 0])', "must not repeat a row"),
     "rows grad dtype": (ROWS, 'args["grad"] = args["grad"].float()', "grad must"),
