@@ -109,6 +109,39 @@ def test_both_paths_of_one_mlp_agree():
     torch.testing.assert_close(sparse, dense, rtol=1e-5, atol=1e-6)
 
 
+def test_a_wide_union_skips_the_count_for_a_while():
+    """A call of several rows whose union is too wide runs dense, and so do the layer's next
+    RECHECK - 1 calls of as many rows, without counting; the one after counts again and can run
+    sparse. Every call gives what the other path gives; new thresholds start counting afresh."""
+    model = sparse_ops.patch(small_llama())
+    layer = model.model.layers[0]
+    st = model._sparse_patch["states"][0]
+    x = torch.randn(1, 3, 48)
+    with torch.no_grad():
+        t = float(torch.quantile(F.silu(layer.mlp.gate_proj(x)).abs(), 0.9))
+    sparse_ops.patching.set_contextual_ffn(model, [0.0] * LL)  # every column kept: the union is all of them
+    with torch.no_grad():
+        contextual.forward(st, layer.mlp, x, "silu")
+    assert st.ffn_dense_left == {3: contextual.RECHECK - 1}
+    st.ffn_threshold = t  # a narrow union from now on, the skip still pending
+    ran, outs = [], []
+    for _ in range(contextual.RECHECK):
+        st.reset_counts()
+        with torch.no_grad():
+            outs.append(contextual.forward(st, layer.mlp, x, "silu"))
+        ran.append(st.counts["ffn"][0])
+    assert ran[:-1] == [3 * LF] * (contextual.RECHECK - 1), ran  # dense, uncounted
+    assert ran[-1] < 3 * LF, ran  # counted again: sparse
+    for o in outs[:-1]:
+        torch.testing.assert_close(o, outs[-1], rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        contextual.forward(st, layer.mlp, torch.randn(1, 1, 48), "silu")  # one row: never skipped
+    assert st.ffn_dense_left == {3: 0}
+    st.ffn_dense_left[3] = 5
+    sparse_ops.patching.set_contextual_ffn(model, [t] * LL)
+    assert st.ffn_dense_left == {}
+
+
 def test_gated_ffn_identity_activation_matches_reference():
     torch.manual_seed(3)
     x = torch.randn(5, 8, dtype=torch.float64, requires_grad=True)

@@ -104,6 +104,19 @@ def test_the_several_rows_paths_sparse_and_dense_both_match():
     torch.testing.assert_close(out, mlp.down_proj(F.silu(mlp.gate_proj(xs)) * mlp.up_proj(xs) * r.mask(xs)),
                                rtol=1e-5, atol=1e-6)
     assert st.counts["ffn"][0] == 40 * LF  # dense ran (40 rows leave the decode kernel)
+    # 12 rows at keep 0.5: the union is (nearly) every column, so dense; the next calls of 12 rows
+    # run dense without counting (contextual.RECHECK), still equal to the reference.
+    m = routed(keep=0.5)
+    mlp, st = m.model.layers[0].mlp, m.model.layers[0]._sparse_state
+    r = m.model.layers[0].sparse_gates.ffn
+    for i in range(2):
+        x12 = torch.randn(12, 48)
+        assert int(r.mask(x12).any(0).sum()) > 0.8 * LF
+        with torch.no_grad():
+            out = mlp(x12)
+        torch.testing.assert_close(out, mlp.down_proj(F.silu(mlp.gate_proj(x12)) * mlp.up_proj(x12) * r.mask(x12)),
+                                   rtol=1e-5, atol=1e-6)
+        assert st.ffn_dense_left == {12: sparse_ops.patching.contextual.RECHECK - 1 - i}
 
 
 def test_fitting_finds_the_columns_an_untrained_router_misses():

@@ -44,7 +44,34 @@ def sparse_pays(N: int, union: int, F_: int) -> bool:
     ~5.7 GB/s here, the op's decode kernel ~8. Inside SmolLM2's decode step, batch 4, union 0.91,
     the whole step measured 0.95x and 1.07x of dense in two runs, within this machine's noise of
     its 1.03x bytes bound, so that case runs dense.)"""
-    return N <= 16 and union <= 0.8 * F_
+    return N <= MAX_ROWS and union <= 0.8 * F_
+
+
+MAX_ROWS = 16  # above this many rows the sparse path never pays (sparse_pays)
+# After a call of N > 1 rows finds its union too wide for the sparse path, the layer's next
+# RECHECK - 1 calls of N rows run dense (the mask still applied) without counting their union, and
+# the one after counts again. The count is ~4 small ops a layer; at SmolLM2's batch-4 decode, whose
+# union is ~0.9 of the columns in every layer, it was 3% of the step (one process, 150 interleaved
+# steps: dense 57.0 ms, with the count 59.1, without 57.3). Both paths give the same result, so
+# this changes only which one runs; a single row is always counted (its own kept fraction, ~0.5).
+RECHECK = 16
+
+
+def counts_union(st: LayerState, N: int) -> bool:
+    """Whether a call of N rows should count its union of kept columns (False: run it dense)."""
+    if N > MAX_ROWS:
+        return False
+    left = st.ffn_dense_left.get(N, 0) if N > 1 else 0
+    if left:
+        st.ffn_dense_left[N] = left - 1
+        return False
+    return True
+
+
+def union_too_wide(st: LayerState, N: int) -> None:
+    """A counted call of N rows ran dense: skip the count for the next RECHECK - 1 calls of N rows."""
+    if N > 1:
+        st.ffn_dense_left[N] = RECHECK - 1
 
 
 _SAMPLES = 1 << 16  # |a| values kept per layer and calibration call
@@ -67,9 +94,13 @@ def forward(st: LayerState, mlp, x: torch.Tensor, act: str) -> torch.Tensor:
     # decode step each op is paid ~30 times with cold caches). A NaN in a propagates, as in the
     # dense MLP, instead of being dropped by the comparison.
     h_gate = F.hardshrink(a, st.ffn_threshold)
+    if not counts_union(st, N):
+        st.add("ffn", N * Fn, 0)
+        return dn(h_gate * u(x))
     # How many columns the call would run: the union of its rows' kept columns (one row: its own).
     nu = int(torch.count_nonzero(h_gate)) if N == 1 else int(h_gate.reshape(N, Fn).ne(0).any(0).sum())
     if not sparse_pays(N, nu, Fn):
+        union_too_wide(st, N)
         st.add("ffn", N * Fn, 0)
         return dn(h_gate * u(x))
     st.add("ffn", N * nu, 0)
@@ -85,6 +116,7 @@ def set_thresholds(states, mlps, thresholds, transposed_down: bool) -> None:
     for st, mlp, t in zip(states, mlps, thresholds):
         st.ffn_threshold = None if t is None else float(t)
         st.ffn_down_t = None
+        st.ffn_dense_left.clear()
         if t is not None and transposed_down:
             st.ffn_down_t = mlp.down_proj.weight.detach().t().contiguous()
 

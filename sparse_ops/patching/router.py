@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from .. import activations
 from ..gates import FFNRouter, topk_mask
 from ..ops import gated_ffn
-from .contextual import sparse_pays
+from .contextual import counts_union, sparse_pays, union_too_wide
 from .state import LayerState
 
 
@@ -69,8 +69,10 @@ def forward(st: LayerState, mlp, x: torch.Tensor, act: str) -> torch.Tensor:
         return gated_ffn(x, g.weight, w2, idx, b1=g.bias, b2=dn.bias, w3=u.weight, activation=act,
                          w2_transposed=t)
     mask = topk_mask(z, r.k)
-    nu = int(mask.reshape(N, Fn).any(0).sum())
-    if not sparse_pays(N, nu, Fn):
+    nu = int(mask.reshape(N, Fn).any(0).sum()) if counts_union(st, N) else None
+    if nu is None or not sparse_pays(N, nu, Fn):
+        if nu is not None:
+            union_too_wide(st, N)
         st.add("ffn", N * Fn, 0)
         return _dense(mlp, x, act, mask.to(x.dtype))
     st.add("ffn", N * nu, 0)
@@ -80,6 +82,7 @@ def forward(st: LayerState, mlp, x: torch.Tensor, act: str) -> torch.Tensor:
 def set_down_copies(states, mlps, transposed: bool) -> None:
     for st, mlp in zip(states, mlps):
         st.router_down_t = mlp.down_proj.weight.detach().t().contiguous() if transposed else None
+        st.ffn_dense_left.clear()
 
 
 def _labels(mlp, x, act, k):

@@ -37,6 +37,9 @@ class LayerState:
     ffn_threshold: float | None = None
     ffn_calib: list | None = None
     ffn_down_t: torch.Tensor | None = None
+    # Row count N -> calls of N rows left to run dense without counting their union (contextual.py's
+    # RECHECK; the routed FFN of router.py uses it too).
+    ffn_dense_left: dict = field(default_factory=dict)
     # Learned gates (patch(model, gate=...)): the layer's sparse_ops.gates.LayerGates, and what this
     # forward runs (begin_layer): {"heads", "ffn", "keep"} -> the mask set above combined with the
     # gate's values (float, exact zeros skipped), or the mask alone where that kind has no gate.
