@@ -238,7 +238,7 @@ def semi_structured_cases():
     F_, d = 11008, 4096
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(d, F_, bias=False), torch.nn.Linear(F_, 1, bias=False)).cuda()
-    w = net[0].weight.detach().half().clone()
+    w = net[0].weight.detach().half()  # a copy: the unpruned weight
     sev = pruning.Seven(net, 0.5, steps=1, granularity="2:4")
     net(torch.randn(64, d, device="cuda")).square().mean().backward()
     sev.step()

@@ -57,21 +57,22 @@ MAX_ROWS = 16  # above this many rows the sparse path never pays (sparse_pays)
 RECHECK = 16
 
 
-def counts_union(st: LayerState, N: int) -> bool:
-    """Whether a call of N rows should count its union of kept columns (False: run it dense)."""
+def sparse_union(st: LayerState, N: int, F_: int, count) -> int | None:
+    """The union of kept columns a call of N rows runs sparse on, or None where it runs dense.
+    count() counts the union; it is not called above MAX_ROWS rows, nor while the layer skips the
+    count for N rows (RECHECK)."""
     if N > MAX_ROWS:
-        return False
+        return None
     left = st.ffn_dense_left.get(N, 0) if N > 1 else 0
     if left:
         st.ffn_dense_left[N] = left - 1
-        return False
-    return True
-
-
-def union_too_wide(st: LayerState, N: int) -> None:
-    """A counted call of N rows ran dense: skip the count for the next RECHECK - 1 calls of N rows."""
+        return None
+    nu = count()
+    if sparse_pays(N, nu, F_):
+        return nu
     if N > 1:
         st.ffn_dense_left[N] = RECHECK - 1
+    return None
 
 
 _SAMPLES = 1 << 16  # |a| values kept per layer and calibration call
@@ -94,13 +95,10 @@ def forward(st: LayerState, mlp, x: torch.Tensor, act: str) -> torch.Tensor:
     # decode step each op is paid ~30 times with cold caches). A NaN in a propagates, as in the
     # dense MLP, instead of being dropped by the comparison.
     h_gate = F.hardshrink(a, st.ffn_threshold)
-    if not counts_union(st, N):
-        st.add("ffn", N * Fn, 0)
-        return dn(h_gate * u(x))
     # How many columns the call would run: the union of its rows' kept columns (one row: its own).
-    nu = int(torch.count_nonzero(h_gate)) if N == 1 else int(h_gate.reshape(N, Fn).ne(0).any(0).sum())
-    if not sparse_pays(N, nu, Fn):
-        union_too_wide(st, N)
+    nu = sparse_union(st, N, Fn, lambda: int(torch.count_nonzero(h_gate)) if N == 1 else
+                      int(h_gate.reshape(N, Fn).ne(0).any(0).sum()))
+    if nu is None:
         st.add("ffn", N * Fn, 0)
         return dn(h_gate * u(x))
     st.add("ffn", N * nu, 0)

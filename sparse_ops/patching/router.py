@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from .. import activations
 from ..gates import FFNRouter, topk_mask
 from ..ops import gated_ffn
-from .contextual import counts_union, sparse_pays, union_too_wide
+from .contextual import sparse_pays, sparse_union
 from .state import LayerState
 
 
@@ -69,10 +69,8 @@ def forward(st: LayerState, mlp, x: torch.Tensor, act: str) -> torch.Tensor:
         return gated_ffn(x, g.weight, w2, idx, b1=g.bias, b2=dn.bias, w3=u.weight, activation=act,
                          w2_transposed=t)
     mask = topk_mask(z, r.k)
-    nu = int(mask.reshape(N, Fn).any(0).sum()) if counts_union(st, N) else None
-    if nu is None or not sparse_pays(N, nu, Fn):
-        if nu is not None:
-            union_too_wide(st, N)
+    nu = sparse_union(st, N, Fn, lambda: int(mask.reshape(N, Fn).any(0).sum()))
+    if nu is None:
         st.add("ffn", N * Fn, 0)
         return _dense(mlp, x, act, mask.to(x.dtype))
     st.add("ffn", N * nu, 0)
